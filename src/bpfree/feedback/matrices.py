@@ -1,0 +1,76 @@
+"""Feedback matrices ``B_l`` of shape ``(n_l, o)``: creation, projection of the error, cosines.
+
+Conventions (DESIGN.md §1): ``B_l`` is always ``(n_l, o)`` and acts as ``B_l e``; cosines are per
+unit (one per row of ``B_l``); the summary cosine is the Frobenius cosine.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+EPS = 1e-12
+
+
+def init_feedback(
+    n: int, o: int, *, init: str, scale: float, generator: torch.Generator, device, dtype=torch.float32
+) -> torch.Tensor:
+    """A random ``B`` of shape ``(n, o)`` whose entries have variance ``scale**2 / o``.
+
+    ``init="normal"``: ``B_ij ~ N(0, scale^2 / o)``; ``init="uniform"``: ``B_ij ~ U(-a, a)`` with
+    ``a = scale * sqrt(3 / o)`` (the Kaiming-uniform bound for fan-in ``o``, same variance). Each row
+    (one unit's feedback vector) then has expected squared norm ``scale^2``, so ``B e`` has the
+    magnitude of ``e`` per unit.
+    """
+    if init == "normal":
+        B = torch.randn(n, o, generator=generator, device=device, dtype=dtype)
+        return B.mul_(scale / math.sqrt(o))
+    if init == "uniform":
+        B = torch.rand(n, o, generator=generator, device=device, dtype=dtype)
+        return B.mul_(2.0).sub_(1.0).mul_(scale * math.sqrt(3.0 / o))
+    raise ValueError(f"unknown feedback init {init!r}; choose normal or uniform")
+
+
+def lead_dims(e: torch.Tensor, h: torch.Tensor) -> int:
+    """Number of leading dimensions over which feedback is applied sample-wise.
+
+    ``e`` is ``(batch, o)`` or, for sequence models, ``(batch, T, o)``. If ``h`` shares all of
+    ``e``'s leading dimensions (``(batch, T, d)``), feedback acts per token and ``n_l = d``;
+    otherwise ``h`` is flattened after the batch dimension and ``n_l = prod(h.shape[1:])``.
+    """
+    k = e.dim() - 1
+    if k > 1 and h.shape[:k] == e.shape[:k]:
+        return k
+    if h.shape[0] != e.shape[0]:
+        raise ValueError(f"feedback point tensor of shape {tuple(h.shape)} does not match the batch of the error {tuple(e.shape)}")
+    return 1
+
+
+def point_width(e: torch.Tensor, h: torch.Tensor) -> int:
+    """``n_l``: the number of features at the point that ``B_l`` acts on."""
+    return math.prod(h.shape[lead_dims(e, h):])
+
+
+def project(B: torch.Tensor, e: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """The DFA signal ``B e`` for every sample, shaped like ``h``.
+
+    ``B``: ``(n_l, o)``; ``e``: ``(batch, o)`` or ``(batch, T, o)``; result: ``h.shape``.
+    """
+    return (e @ B.t()).reshape(h.shape)
+
+
+def flat_features(t: torch.Tensor, lead: int) -> torch.Tensor:
+    """``t`` as ``(samples, n_l)``: its ``lead`` leading dimensions merged into one."""
+    return t.reshape(math.prod(t.shape[:lead]), -1)
+
+
+def rowcos(A: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+    """Cosine between matching rows of ``A`` and ``G`` (both ``(n, o)``): shape ``(n,)``."""
+    num = (A * G).sum(1)
+    return num / (A.norm(dim=1) * G.norm(dim=1)).clamp_min(EPS)
+
+
+def frobenius_cos(A: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+    """``<A, G>_F / (|A|_F |G|_F)``: a scalar tensor."""
+    return (A * G).sum() / (A.norm() * G.norm()).clamp_min(EPS)

@@ -1,0 +1,27 @@
+"""Backpropagation: the reference every other method is measured against."""
+
+from __future__ import annotations
+
+import torch
+
+from . import register
+from .base import LossFn, Method, StepResult, check_batch, forward_checked
+
+
+@register
+class BP(Method):
+    """End-to-end backpropagation: ``loss.backward()``.
+
+    Every parameter receives ``dL/dtheta``; the signal at feedback point ``l`` is ``J_l^T e``.
+    Feedback points stay identities. Supports every model.
+    """
+
+    name = "bp"
+    summary = "end-to-end backpropagation (the reference)"
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) -> StepResult:
+        check_batch(self.model, x, y)
+        out = forward_checked(self.model, x)
+        loss = loss_fn(out, y)
+        loss.backward()
+        return StepResult(loss.detach(), out.detach())

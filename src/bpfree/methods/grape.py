@@ -1,0 +1,120 @@
+"""GrAPE: Direct Feedback Alignment with feedback matrices aligned to forward-mode Jacobian estimates."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..feedback.estimators import RunningJacobian, sample_jacobians
+from ..feedback.matrices import frobenius_cos
+from ..feedback.rules import RENORMS, RULES, update_feedback
+from ..options import OptionError, option
+from . import register
+from .dfa import DirectFeedback
+
+
+@register
+class GrAPE(DirectFeedback):
+    """Gradient-Aligned Projected Error: DFA whose ``B_l`` follow the network's Jacobians.
+
+    Each step (every ``every`` steps), before the DFA weight update:
+
+    1. estimate ``J~_l`` (``(o, n_l)``) for every point with one forward-mode pass over the first
+       ``samples`` inputs of the batch, tangents ``d_l ~ N(0, I)`` injected at the points
+       (activity perturbation; ``points="each"`` perturbs one point per pass);
+    2. ``Jbar_l`` <- running average of the estimates (``average``: cumulative or ema);
+    3. ``B_l`` <- ``rule(B_l, Jbar_l^T, eta)``, then noise and renormalisation
+       (:mod:`bpfree.feedback.rules`);
+    4. deliver the DFA signal ``B_l e`` as :class:`DFA` does.
+
+    The training forward pass stays pure DFA (graph cut at every point); the estimate runs on its
+    own, without autograd, on a sub-batch, and leaves buffers (BatchNorm statistics) untouched.
+    """
+
+    name = "grape"
+    summary = "DFA with B_l aligned to forward-gradient Jacobian estimates (GrAPE)"
+
+    @dataclass
+    class Options(DirectFeedback.Options):
+        rule: str = option("rescale", "feedback update rule", choices=tuple(RULES))
+        eta: float = option(1e-3, "feedback learning rate eta_B")
+        noise: float | None = option(None, "Gaussian noise added to B per update, relative to rms(B_0); default: the rule's (rescale 1e-3, others 0)")
+        renorm: str = option("auto", "renormalisation after the update; auto: the rule's (rescale/alt1/alt2 frobenius, cosine rows, regress none)", choices=("auto",) + RENORMS)
+        samples: int = option(16, "inputs per batch that carry tangents (the JVP sub-batch)")
+        average: str = option("cumulative", "moving average of the Jacobian estimate", choices=("cumulative", "ema"))
+        beta: float = option(0.99, "decay of the exponential moving average (average=ema)")
+        every: int = option(1, "update the estimate and B every this many steps")
+        points: str = option("joint", "perturb all points in one forward-mode pass, or each point in its own pass", choices=("joint", "each"))
+
+        def check(self) -> None:
+            if self.samples < 1:
+                raise OptionError(f"option 'samples' must be at least 1, got {self.samples}")
+            if self.every < 1:
+                raise OptionError(f"option 'every' must be at least 1, got {self.every}")
+            if not 0.0 <= self.beta < 1.0:
+                raise OptionError(f"option 'beta' must lie in [0, 1), got {self.beta}")
+            if self.eta < 0:
+                raise OptionError(f"option 'eta' must be non-negative, got {self.eta}")
+
+    def __init__(self, model: nn.Module, **options: Any) -> None:
+        super().__init__(model, **options)
+        self.jacobian = RunningJacobian(self.options.average, self.options.beta)
+        self.norm0: dict[str, float] = {}
+        self.steps = 0
+
+    def estimate(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Fresh estimates ``J~_l`` (``(o, n_l)``) from the first ``samples`` inputs of ``x``."""
+        xs = x[: self.options.samples]
+        g = self.rng(xs.device)
+        if self.options.points == "joint":
+            return sample_jacobians(self.model, xs, self.names, g)
+        out: dict[str, torch.Tensor] = {}
+        for name, _ in self.points:
+            out.update(sample_jacobians(self.model, xs, self.names, g, only=name))
+        return out
+
+    def align(self, estimates: dict[str, torch.Tensor]) -> None:
+        """Fold ``estimates`` into ``Jbar`` and move every ``B_l`` by the rule."""
+        self.jacobian.update(estimates)
+        o = self.options
+        renorm = None if o.renorm == "auto" else o.renorm
+        for name in estimates:
+            B = self.feedback[name]
+            norm0 = self.norm0.setdefault(name, float(B.norm()))
+            G = self.jacobian.mean[name].t()
+            self.feedback[name] = update_feedback(
+                B, G, rule=o.rule, eta=o.eta, norm0=norm0, noise=o.noise, renorm=renorm,
+                generator=self.rng(B.device),
+            )
+
+    def before_delivery(self, x, y, e, records) -> None:
+        if self.steps % self.options.every == 0:
+            self.align(self.estimate(x))
+        self.steps += 1
+
+    def alignment(self) -> dict[str, torch.Tensor]:
+        """Frobenius cosine of each ``B_l`` with the running estimate ``Jbar_l^T``."""
+        return {
+            name: frobenius_cos(B, self.jacobian.mean[name].t())
+            for name, B in self.feedback.items()
+            if name in self.jacobian.mean
+        }
+
+    def step_metrics(self) -> dict[str, torch.Tensor]:
+        """``b_jbar_cos``: mean over points of the Frobenius cosine of ``B_l`` with ``Jbar_l^T``."""
+        cos = self.alignment()
+        return {"b_jbar_cos": torch.stack(list(cos.values())).mean()} if cos else {}
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state.update(jacobian=self.jacobian.state_dict(), norm0=dict(self.norm0), steps=self.steps)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.jacobian.load_state_dict(state["jacobian"])
+        self.norm0 = dict(state["norm0"])
+        self.steps = int(state["steps"])

@@ -1,0 +1,172 @@
+"""Run configuration: the training options plus the options of the model, method and dataset.
+
+A run is described by four sections, each checked against the options its piece declares::
+
+    [run]     method, model, dataset, epochs, batch_size, optimizer, lr, seed, device, ...
+    [model]   e.g. widths, activation            (bpfree.models.<name> options)
+    [method]  e.g. rule, eta, samples            (bpfree.methods.<name> options)
+    [data]    dataset options
+
+``--set KEY=VALUE`` finds ``KEY`` in whichever section declares it (``section.KEY`` picks one
+explicitly); an unknown key is an error listing every valid key. ``config.toml`` in a run
+directory holds the resolved configuration, all defaults written out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .. import methods, models
+from .. import options as opts
+from ..options import OptionError, option
+
+SECTIONS = ("run", "model", "method", "data")
+
+
+@dataclass
+class RunOptions:
+    method: str = option("bp", "learning rule (bpfree list methods)")
+    model: str = option("mlp", "model (bpfree list models)")
+    dataset: str = option("mnist", "dataset (bpfree list datasets)")
+    epochs: int = option(1, "training epochs")
+    batch_size: int = option(128, "mini-batch size")
+    optimizer: str = option("adam", "optimizer", choices=("sgd", "adam", "adamw"))
+    lr: float = option(1e-3, "learning rate")
+    momentum: float = option(0.9, "SGD momentum")
+    weight_decay: float = option(0.0, "weight decay")
+    seed: int = option(0, "seed of weights, data order and the method's generator (unless the method sets its own)")
+    device: str = option("auto", "cpu, cuda, cuda:N, or auto (CUDA when present)")
+    limit_train: int = option(0, "use only the first N training samples (0: all)")
+    limit_test: int = option(0, "evaluate on only the first N test samples (0: all)")
+    eval_batch_size: int = option(1000, "batch size for evaluation")
+    log_every: int = option(50, "write a step line to metrics.jsonl every N steps")
+    checkpoint_every: int = option(0, "also checkpoint every N steps (0: at the end of each epoch only)")
+    diagnostics_every: int = option(0, "alignment diagnostics on a fixed probe batch every N steps (0: off)")
+    probe_size: int = option(256, "samples in the diagnostics probe batch")
+
+    def check(self) -> None:
+        for key in ("epochs", "batch_size", "eval_batch_size", "log_every", "probe_size"):
+            if getattr(self, key) < 1:
+                raise OptionError(f"option {key!r} must be at least 1, got {getattr(self, key)}")
+        for key in ("limit_train", "limit_test", "checkpoint_every", "diagnostics_every"):
+            if getattr(self, key) < 0:
+                raise OptionError(f"option {key!r} must not be negative, got {getattr(self, key)}")
+        if self.lr <= 0:
+            raise OptionError(f"option 'lr' must be positive, got {self.lr}")
+
+
+@dataclass
+class RunConfig:
+    run: RunOptions = field(default_factory=RunOptions)
+    model: dict[str, Any] = field(default_factory=dict)
+    method: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {"run": opts.as_dict(self.run), "model": dict(self.model), "method": dict(self.method), "data": dict(self.data)}
+
+
+def section_classes(run: RunOptions) -> dict[str, type]:
+    """The options dataclass of every section for the chosen model, method and dataset."""
+    from ..train.tasks import dataset_options
+
+    return {
+        "run": RunOptions,
+        "model": models.get(run.model).options,
+        "method": methods.get(run.method).Options,
+        "data": dataset_options(run.dataset),
+    }
+
+
+def resolve(base: dict[str, dict[str, Any]] | None = None, sets: list[str] | tuple[str, ...] = (),
+            overrides: dict[str, Any] | None = None) -> RunConfig:
+    """A checked :class:`RunConfig` from a TOML-like dict, ``KEY=VALUE`` strings and run overrides.
+
+    ``base`` may hold the four sections, or flat keys (which are placed like ``--set`` keys).
+    ``overrides`` are run options (from dedicated command-line flags) applied after ``base``.
+    Every section is validated and filled with its defaults.
+    """
+    raw: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
+    flat: list[tuple[str, Any]] = []
+    for key, value in (base or {}).items():
+        if key in SECTIONS and isinstance(value, dict):
+            raw[key].update(value)
+        else:
+            flat.append((key, value))
+    raw["run"].update({k: v for k, v in (overrides or {}).items() if v is not None})
+    for item in sets:
+        if "=" not in item:
+            raise OptionError(f"--set takes KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        flat.append((key.strip(), value.strip()))
+    # run options first: they decide which model/method/data sections exist.
+    run_fields = {f.name for f in dataclasses.fields(RunOptions)}
+    later = []
+    for key, value in flat:
+        if key.startswith("run."):
+            raw["run"][key[4:]] = value
+        elif key in run_fields:
+            raw["run"][key] = value
+        else:
+            later.append((key, value))
+    run = opts.build(RunOptions, raw["run"], what="the run")
+    classes = section_classes(run)
+    valid = {s: {f.name for f in dataclasses.fields(c)} for s, c in classes.items()}
+    for key, value in later:
+        if "." in key:
+            section, name = key.split(".", 1)
+            if section not in SECTIONS:
+                raise OptionError(f"unknown section {section!r} in {key!r}; sections: {', '.join(SECTIONS)}")
+            raw[section][name] = value
+            continue
+        owners = [s for s in SECTIONS if key in valid[s]]
+        if not owners:
+            listing = "; ".join(f"{s}: {', '.join(sorted(valid[s])) or '(none)'}" for s in SECTIONS)
+            raise OptionError(
+                f"unknown option {key!r} for method {run.method!r}, model {run.model!r}, dataset {run.dataset!r}. "
+                f"Valid options — {listing}"
+            )
+        if len(owners) > 1:
+            raise OptionError(f"option {key!r} is ambiguous; write one of: {', '.join(f'{s}.{key}' for s in owners)}")
+        raw[owners[0]][key] = value
+    built = {s: opts.build(classes[s], raw[s], what=f"{s} {getattr(run, s, '') if s != 'run' else ''}".strip())
+             for s in ("model", "method", "data")}
+    return RunConfig(run=run, **{s: opts.as_dict(v) for s, v in built.items()})
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise OptionError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as err:
+        raise OptionError(f"config file {path} is not valid TOML: {err}") from None
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    s = str(v).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{s}"'
+
+
+def dumps_toml(data: dict[str, dict[str, Any]]) -> str:
+    """TOML text for a dict of sections of scalars and lists (``None`` values are left out)."""
+    lines = []
+    for section, values in data.items():
+        lines.append(f"[{section}]")
+        for k, v in values.items():
+            if v is not None:
+                lines.append(f"{k} = {_toml_value(v)}")
+        lines.append("")
+    return "\n".join(lines)
