@@ -11,7 +11,7 @@ is compared with, on one interface::
 """
 
 from . import methods, models
-from .points import AttachError, FeedbackPoint, attach, feedback_points
+from .points import AttachError, FeedbackPoint, Head, attach, feedback_points
 
 __version__ = "0.1.0"
-__all__ = ["AttachError", "FeedbackPoint", "attach", "feedback_points", "methods", "models", "__version__"]
+__all__ = ["AttachError", "FeedbackPoint", "Head", "attach", "feedback_points", "methods", "models", "__version__"]

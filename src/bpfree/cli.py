@@ -64,18 +64,22 @@ def cmd_train(args) -> int:
         cfg = _config(args, args.method)
         out = args.out or _default_out(cfg)
         summary = train(cfg, out, data_dir=args.data_dir, progress=not args.no_progress)
-    print(f"{summary['method']} on {summary['dataset']} ({summary['model']}): test accuracy "
-          f"{summary['test_accuracy']:.4f}, test loss {summary['test_loss']:.4f}, "
+    key = summary["primary"]
+    print(f"{summary['method']} on {summary['dataset']} ({summary['model']}): {key.replace('_', ' ')} "
+          f"{summary[key]:.4f}, test loss {summary['test_loss']:.4f}, "
           f"{summary['train_seconds']:.1f} s training -> {out}")
     return 0
 
 
 def comparison_table(summaries: list[dict]) -> str:
     """A Markdown table, one row per run summary."""
-    head = "| method | test accuracy | test loss | train accuracy | train loss | train s |\n|---|---|---|---|---|---|\n"
+    primary = summaries[0]["primary"]  # test_accuracy, test_ppl...
+    metric = primary[len("test_"):]
+    cols = [primary, "test_loss", f"train_{metric}", "train_loss"]
+    head = "| method | " + " | ".join(c.replace("_", " ") for c in cols) + " | train s |\n"
+    head += "|---" * (len(cols) + 2) + "|\n"
     rows = "".join(
-        f"| {s['method']} | {s['test_accuracy']:.4f} | {s['test_loss']:.4f} | {s['train_accuracy']:.4f} "
-        f"| {s['train_loss']:.4f} | {s['train_seconds']:.1f} |\n"
+        f"| {s['method']} | " + " | ".join(f"{s[c]:.4f}" for c in cols) + f" | {s['train_seconds']:.1f} |\n"
         for s in summaries
     )
     return head + rows
@@ -114,9 +118,8 @@ def cmd_data(args) -> int:
 
 
 def cmd_list(args) -> int:
-    from .data import DATASETS
+    from . import tasks
     from .train.config import RunOptions
-    from .train.tasks import dataset_options
 
     what = args.what
     if what in ("all", "methods"):
@@ -135,9 +138,10 @@ def cmd_list(args) -> int:
                 print(f"      {key} = {default!r}: {text}")
     if what in ("all", "datasets"):
         print("Datasets (--dataset NAME):")
-        for name in sorted(DATASETS):
-            print(f"  {name}")
-            for key, default, text in describe(dataset_options(name)):
+        for name in tasks.available():
+            spec = tasks.get(name)
+            print(f"  {name}: {spec.summary}")
+            for key, default, text in describe(spec.options):
                 print(f"      {key} = {default!r}: {text}")
     if what in ("all", "run"):
         print("Run options:")

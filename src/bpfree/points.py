@@ -45,18 +45,37 @@ class FeedbackPoint(nn.Module):
         return "" if self.handler is None else f"handler={getattr(self.handler, '__name__', self.handler)}"
 
 
+class Head(FeedbackPoint):
+    """Marks where the output error is taken: the input ``z`` of the model's head.
+
+    Without a ``Head`` the error is ``e = dL/dy`` at the model output. A model may place one
+    ``Head`` before its final projection (a language model's vocabulary projection, as in Launay
+    et al. 2020): then ``e = dL/dz`` is computed by backpropagating through the head alone, ``o``
+    is the width of ``z``, and the Jacobians ``J_l`` are ``dz/dh_l``. Identity in the forward pass.
+    """
+
+
 def feedback_points(model: nn.Module) -> list[tuple[str, FeedbackPoint]]:
-    """The ``(qualified name, point)`` pairs of ``model`` in registration order."""
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, FeedbackPoint)]
+    """The ``(qualified name, point)`` pairs of ``model`` in registration order (no :class:`Head`)."""
+    return [(name, m) for name, m in model.named_modules()
+            if isinstance(m, FeedbackPoint) and not isinstance(m, Head)]
+
+
+def head_marker(model: nn.Module) -> Head | None:
+    """The model's :class:`Head`, if it has one (at most one is allowed)."""
+    heads = [m for m in model.modules() if isinstance(m, Head)]
+    if len(heads) > 1:
+        raise ValueError(f"a model may hold at most one bpfree.Head marker, this one holds {len(heads)}")
+    return heads[0] if heads else None
 
 
 @contextlib.contextmanager
 def handled(model: nn.Module, handler: Handler | None) -> Iterator[None]:
-    """Install ``handler`` on every feedback point of ``model`` for the duration of the block.
+    """Install ``handler`` on every feedback point (and the :class:`Head`) for the block.
 
     The previous handlers are restored on exit, even when the forward pass raises.
     """
-    points = [p for _, p in feedback_points(model)]
+    points = [m for m in model.modules() if isinstance(m, FeedbackPoint)]
     previous = [p.handler for p in points]
     for p in points:
         p.handler = handler

@@ -18,7 +18,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import nn
 
-from ..points import FeedbackPoint, handled
+from ..points import FeedbackPoint, Head, handled
 from .matrices import flat_features, lead_dims
 
 
@@ -45,11 +45,16 @@ def sample_jacobians(
 
     ``x``: the (sub-)batch, ``(k, ...)``. ``names`` maps ``id(point)`` to its name. When ``only``
     names a point, tangents are injected there alone (lower variance, one pass per point).
-    The pass runs without autograd and leaves the model's buffers as they were.
+    The pass runs without autograd and leaves the model's buffers as they were. With a
+    :class:`Head` marker, ``u`` is the tangent at the head's input ``z`` and ``o`` its width.
     """
     tangents: dict[str, torch.Tensor] = {}
+    at_head: list[torch.Tensor | None] = []
 
     def inject(point: FeedbackPoint, h: torch.Tensor) -> torch.Tensor:
+        if isinstance(point, Head):
+            at_head.append(fwAD.unpack_dual(h).tangent)
+            return h
         name = names[id(point)]
         if only is not None and name != only:
             return h
@@ -60,7 +65,7 @@ def sample_jacobians(
 
     with torch.no_grad(), fwAD.dual_level(), handled(model, inject), preserved_buffers(model):
         y = model(x)
-        u = fwAD.unpack_dual(y).tangent
+        u = at_head[0] if at_head else fwAD.unpack_dual(y).tangent
     if u is None:
         raise RuntimeError("the model output does not depend on any feedback point")
     out = {}

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..feedback.matrices import init_feedback, point_width, project
 from ..options import option
-from ..points import FeedbackPoint, feedback_points, handled
+from ..points import FeedbackPoint, Head, feedback_points, handled, head_marker
 from . import register
 from .base import LossFn, Method, StepResult, check_batch, forward_checked
 
@@ -24,7 +24,8 @@ class DirectFeedback(Method):
     :meth:`signal` (``B_l e`` for DFA), and one ``torch.autograd.backward`` call delivers
     ``(y, e)`` and every ``(h_l, signal_l)``; inside each block ordinary autograd turns the signal
     into weight gradients. The head (the block after the last point) thus receives its true
-    gradient. ``B_l`` of shape ``(n_l, o)`` is created on the first step, seeded by ``seed``.
+    gradient. With a :class:`bpfree.Head` marker, ``e = dL/dz`` at the head's input instead, found by
+    backpropagating through the head alone (which also gives the head its gradients). ``B_l`` of shape ``(n_l, o)`` is created on the first step, seeded by ``seed``.
     """
 
     @dataclass
@@ -42,6 +43,7 @@ class DirectFeedback(Method):
                 "use bpfree.attach() on an nn.Sequential or place bpfree.FeedbackPoint modules"
             )
         self.names = {id(p): n for n, p in self.points}
+        self.head = head_marker(model)
         self.feedback: dict[str, torch.Tensor] = {}
         self.generator: torch.Generator | None = None
         self._generator_state: torch.Tensor | None = None
@@ -59,10 +61,18 @@ class DirectFeedback(Method):
         return self.generator
 
     def forward_cut(self, x: torch.Tensor) -> tuple[torch.Tensor, list[tuple[str, torch.Tensor]]]:
-        """``(y, [(name, h_l), ...])`` from a forward pass with the graph cut at every point."""
+        """``(y, [(name, h_l), ...])`` from a forward pass with the graph cut at every point.
+
+        With a :class:`Head`, its input ``z`` is handed on as a fresh leaf that requires grad and is
+        kept in ``self._head_input`` for :meth:`output_error`.
+        """
         records: list[tuple[str, torch.Tensor]] = []
+        self._head_input = None
 
         def cut(point: FeedbackPoint, h: torch.Tensor) -> torch.Tensor:
+            if isinstance(point, Head):
+                self._head_input = (h, h.detach().requires_grad_())
+                return self._head_input[1]
             records.append((self.names[id(point)], h))
             return h.detach()
 
@@ -70,9 +80,21 @@ class DirectFeedback(Method):
             out = forward_checked(self.model, x)
         return out, records
 
-    @staticmethod
-    def output_error(out: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(loss, e)`` with ``e = dL/dy`` of the shape of ``out``; no graph is built through the model."""
+    def output_error(self, out: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(loss, e)``: ``e = dL/dy`` shaped like ``out``, or ``dL/dz`` at the :class:`Head`.
+
+        Without a head no graph is built through the model; with one, the head is backpropagated
+        (filling its parameters' ``.grad``). :meth:`deliver` sends ``e`` to ``self._error_at``
+        (``y``, or ``z`` as the block before the head computed it).
+        """
+        if getattr(self, "_head_input", None) is not None:
+            z, leaf = self._head_input
+            self._head_input = None
+            loss = loss_fn(out, y)
+            loss.backward()
+            self._error_at = z
+            return loss.detach(), leaf.grad
+        self._error_at = out
         leaf = out.detach().requires_grad_()
         with torch.enable_grad():
             loss = loss_fn(leaf, y)
@@ -103,12 +125,13 @@ class DirectFeedback(Method):
         """The learning signal sent to point ``name``: ``B_l e`` shaped like ``h``."""
         return project(self.feedback[name], e.to(self.feedback[name].dtype), h).to(h.dtype)
 
-    def deliver(self, out: torch.Tensor, e: torch.Tensor, records, y: torch.Tensor) -> None:
-        """One ``autograd.backward`` call: ``(y, e)`` and ``(h_l, signal_l)`` for every point."""
+    def deliver(self, e: torch.Tensor, records, y: torch.Tensor) -> None:
+        """One ``autograd.backward`` call: ``(y, e)`` (or ``(z, e)``) and ``(h_l, signal_l)`` per point."""
         tensors, grads = [], []
-        if out.requires_grad:
-            tensors.append(out)
-            grads.append(e.to(out.dtype))
+        target = self._error_at
+        if target.requires_grad:
+            tensors.append(target)
+            grads.append(e.to(target.dtype))
         for name, h in records:
             if h.requires_grad:
                 tensors.append(h)
@@ -122,7 +145,7 @@ class DirectFeedback(Method):
         loss, e = self.output_error(out, y, loss_fn)
         self.ensure_feedback(records, e)
         self.before_delivery(x, y, e, records)
-        self.deliver(out, e, records, y)
+        self.deliver(e, records, y)
         return StepResult(loss, out.detach(), self.step_metrics())
 
     def before_delivery(self, x, y, e, records) -> None:

@@ -72,13 +72,13 @@ class RunConfig:
 
 def section_classes(run: RunOptions) -> dict[str, type]:
     """The options dataclass of every section for the chosen model, method and dataset."""
-    from ..train.tasks import dataset_options
+    from .. import tasks
 
     return {
         "run": RunOptions,
         "model": models.get(run.model).options,
         "method": methods.get(run.method).Options,
-        "data": dataset_options(run.dataset),
+        "data": tasks.get(run.dataset).options,
     }
 
 

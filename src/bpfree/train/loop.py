@@ -1,18 +1,18 @@
-"""The one training loop, for every method.
+"""The one training loop, for every method and every task.
 
 It builds the task, model, method and optimizer from a :class:`RunConfig`, and for each batch
-calls ``method.step(x, y, loss_fn)`` and then ``optimizer.step()``. It knows nothing of any
-particular method. A run directory holds::
+calls ``method.step(x, y, task.loss_fn)`` and then ``optimizer.step()``. It knows nothing of any
+particular method or dataset. A run directory holds::
 
     config.toml      the resolved configuration
     metrics.jsonl    one JSON object per logged step ("kind": "step"), per epoch ("epoch"),
                      per diagnostics probe ("diagnostics")
     checkpoint.pt    written atomically at the end of each epoch (and every checkpoint_every steps)
-    summary.json     the final figures (test_accuracy, train_seconds, ...)
+    summary.json     the final figures (test_accuracy or test_ppl, train_seconds, ...)
 
-``train(..., resume=True)`` continues from ``checkpoint.pt`` and ends with the same weights as an
-uninterrupted run: the data order of each epoch comes from ``seed`` and the epoch number, and the
-global RNG states, optimizer and method states are checkpointed.
+``Run.fit(resume=True)`` continues from ``checkpoint.pt`` and ends with the same weights as an
+uninterrupted run: batches are a pure function of (seed, epoch, index), and the global RNG
+states, optimizer and method states and the epoch's running sums are checkpointed.
 """
 
 from __future__ import annotations
@@ -27,10 +27,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .. import methods, models
+from .. import methods, models, tasks
 from .checkpoint import load_torch, save_json, save_text, save_torch
 from .config import RunConfig, dumps_toml, load_toml, resolve
-from .tasks import Task, load_task
 
 
 class TrainingError(RuntimeError):
@@ -40,7 +39,10 @@ class TrainingError(RuntimeError):
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise TrainingError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise TrainingError(f"device {name!r} was asked for, but CUDA is not available on this machine")
     return dev
@@ -54,33 +56,12 @@ def make_optimizer(run, params) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=run.lr, weight_decay=run.weight_decay)
 
 
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, task: Task, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> dict[str, float]:
-    """Mean loss and accuracy of ``model`` on ``(x, y)`` in eval mode."""
-    was_training = model.training
-    model.eval()
-    loss_sum = torch.zeros((), device=x.device)
-    correct = torch.zeros((), device=x.device, dtype=torch.long)
-    for i in range(0, len(x), batch_size):
-        out = model(x[i : i + batch_size])
-        loss_sum += task.loss_fn(out, y[i : i + batch_size]) * len(out)
-        correct += task.correct(out, y[i : i + batch_size])
-    model.train(was_training)
-    n = max(len(x), 1)
-    return {"loss": float(loss_sum) / n, "accuracy": float(correct) / n}
-
-
-def epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
-    """The sample order of ``epoch`` (0-based): a permutation fixed by ``seed`` and ``epoch``."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=g)
-
-
-def _check_out_dir(out: Path) -> None:
+def check_out_dir(out: Path) -> None:
+    """Fail before training if ``out`` cannot be created or written."""
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write-test"
-        probe.write_bytes(b"\0" * 4096)
+        probe.write_bytes(b"\0" * 65536)
         probe.unlink()
     except OSError as err:
         raise TrainingError(f"cannot write to the run directory {out}: {err.strerror or err}") from err
@@ -94,18 +75,18 @@ class Run:
         r = cfg.run
         self.device = resolve_device(r.device)
         torch.manual_seed(r.seed)
-        self.task = load_task(r.dataset, cfg.data, data_dir, r.limit_train, r.limit_test).to(self.device)
+        self.task = tasks.load(r.dataset, cfg.data, data_dir, r.limit_train, r.limit_test).to(self.device)
         self.model = models.create(r.model, self.task.input_shape, self.task.num_classes, **cfg.model).to(self.device)
         self.method = methods.create(r.method, self.model, **cfg.method)
         self.optimizer = make_optimizer(r, self.model.parameters())
         self.state: dict[str, Any] = {"epoch": 0, "batch": 0, "global_step": 0, "train_seconds": 0.0,
-                                      "loss_sum": 0.0, "correct": 0, "seen": 0, "metrics_bytes": 0}
-        self.probe = None
+                                      "sums": {}, "metrics_bytes": 0}
+        self.diagnostics = None
         if r.diagnostics_every:
             from ..metrics.alignment import Diagnostics
 
-            k = min(r.probe_size, len(self.task.train_x))
-            self.probe = Diagnostics(self.method, self.task.train_x[:k], self.task.train_y[:k], self.task.loss_fn)
+            x, y = self.task.probe_batch(r.probe_size)
+            self.diagnostics = Diagnostics(self.method, x, y, self.task.loss_fn)
 
     # -- persistence -----------------------------------------------------------------------
     @property
@@ -143,8 +124,7 @@ class Run:
 
     # -- the loop ----------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> dict[str, Any]:
-        r = self.cfg.run
-        _check_out_dir(self.out)
+        check_out_dir(self.out)
         metrics_path = self.out / "metrics.jsonl"
         if resume:
             self.load_checkpoint()
@@ -161,27 +141,22 @@ class Run:
 
     def _fit(self) -> dict[str, Any]:
         r, task, st = self.cfg.run, self.task, self.state
-        n = len(task.train_x)
-        if n == 0:
+        n_batches = task.num_batches(r.batch_size)
+        if n_batches == 0:
             raise TrainingError("the training set is empty")
-        n_batches = math.ceil(n / r.batch_size)
         self.model.train()
         for epoch in range(st["epoch"], r.epochs):
-            order = epoch_order(r.seed, epoch, n).to(self.device)
             bar = tqdm(total=n_batches, initial=st["batch"], desc=f"{r.method} epoch {epoch + 1}/{r.epochs}",
                        disable=not self.progress, leave=False, dynamic_ncols=True)
-            loss_sum = torch.tensor(st["loss_sum"], device=self.device)
-            correct = torch.tensor(st["correct"], device=self.device)
+            sums = {k: torch.tensor(v, device=self.device) for k, v in st["sums"].items()}
             t0 = time.perf_counter()
             for b in range(st["batch"], n_batches):
-                idx = order[b * r.batch_size : (b + 1) * r.batch_size]
-                x, y = task.train_x[idx], task.train_y[idx]
+                x, y = task.train_batch(r.seed, epoch, b, r.batch_size)
                 self.optimizer.zero_grad(set_to_none=True)
                 result = self.method.step(x, y, task.loss_fn)
                 self.optimizer.step()
-                loss_sum += result.loss * len(idx)
-                correct += task.correct(result.output, y)
-                st["seen"] += len(idx)
+                for k, v in task.batch_stats(result.output, y, result.loss).items():
+                    sums[k] = sums[k] + v if k in sums else v.detach().clone()
                 st["batch"] = b + 1
                 st["global_step"] += 1
                 bar.update(1)
@@ -193,31 +168,33 @@ class Run:
                             f"the loss became {loss} at step {step} (epoch {epoch + 1}); stopping. "
                             f"The last good checkpoint is kept in {self.out}"
                         )
+                    running = task.summarise({k: float(v) for k, v in sums.items()})
                     rec = {"kind": "step", "epoch": epoch + 1, "step": step, "loss": loss,
-                           "train_loss": float(loss_sum) / st["seen"], "train_accuracy": float(correct) / st["seen"]}
+                           **{f"train_{k}": v for k, v in running.items()}}
                     rec.update({k: float(v) for k, v in result.metrics.items()})
                     self.log(rec)
-                    bar.set_postfix(loss=f"{rec['train_loss']:.4f}", acc=f"{rec['train_accuracy']:.4f}")
-                if self.probe is not None and step % r.diagnostics_every == 0:
-                    self.log({"kind": "diagnostics", "epoch": epoch + 1, "step": step, **self.probe.measure()})
+                    bar.set_postfix({k: f"{v:.4g}" for k, v in running.items()})
+                if self.diagnostics is not None and step % r.diagnostics_every == 0:
+                    self.log({"kind": "diagnostics", "epoch": epoch + 1, "step": step, **self.diagnostics.measure()})
                 if r.checkpoint_every and step % r.checkpoint_every == 0 and b + 1 < n_batches:
                     st["train_seconds"] += time.perf_counter() - t0
                     t0 = time.perf_counter()
-                    st["loss_sum"], st["correct"] = float(loss_sum), int(correct)
+                    st["sums"] = {k: v.item() for k, v in sums.items()}
                     self.save_checkpoint()
             bar.close()
             st["train_seconds"] += time.perf_counter() - t0
-            test = evaluate(self.model, task, task.test_x, task.test_y, r.eval_batch_size)
+            train_metrics = task.summarise({k: float(v) for k, v in sums.items()})
+            test = task.evaluate(self.model, "test", r.eval_batch_size)
             rec = {"kind": "epoch", "epoch": epoch + 1, "step": st["global_step"],
-                   "train_loss": float(loss_sum) / st["seen"], "train_accuracy": float(correct) / st["seen"],
-                   "test_loss": test["loss"], "test_accuracy": test["accuracy"], "train_seconds": st["train_seconds"]}
+                   **{f"train_{k}": v for k, v in train_metrics.items()},
+                   **{f"test_{k}": v for k, v in test.items()}, "train_seconds": st["train_seconds"]}
             self.log(rec)
             self.method.on_epoch_end(epoch + 1)
             if self.progress:
-                tqdm.write(f"{r.method} epoch {epoch + 1}/{r.epochs}: train loss {rec['train_loss']:.4f} "
-                           f"acc {rec['train_accuracy']:.4f} | test loss {test['loss']:.4f} acc {test['accuracy']:.4f}")
-            st.update(epoch=epoch + 1, batch=0, loss_sum=0.0, correct=0, seen=0)
-            self.last_epoch = rec
+                tqdm.write(f"{r.method} epoch {epoch + 1}/{r.epochs}: "
+                           + " ".join(f"train {k} {v:.4f}" for k, v in train_metrics.items()) + " | "
+                           + " ".join(f"test {k} {v:.4f}" for k, v in test.items()))
+            st.update(epoch=epoch + 1, batch=0, sums={})
             self.save_checkpoint()
         return self.write_summary()
 
@@ -225,16 +202,16 @@ class Run:
         r = self.cfg.run
         lines = [json.loads(l) for l in (self.out / "metrics.jsonl").read_text().splitlines() if l.strip()]
         last = [l for l in lines if l["kind"] == "epoch"][-1]
-        summary = {
-            "method": r.method, "model": r.model, "dataset": r.dataset, "epochs": r.epochs,
-            "test_accuracy": last["test_accuracy"], "test_loss": last["test_loss"],
-            "train_accuracy": last["train_accuracy"], "train_loss": last["train_loss"],
+        summary = {"method": r.method, "model": r.model, "dataset": r.dataset, "epochs": r.epochs,
+                   "primary": f"test_{self.task.primary}"}
+        summary.update({k: v for k, v in last.items() if k.startswith(("test_", "train_")) and k != "train_seconds"})
+        summary.update({
             "train_seconds": round(self.state["train_seconds"], 3),
             "steps": self.state["global_step"],
             "parameters": sum(p.numel() for p in self.model.parameters()),
             "device": str(self.device), "seed": r.seed,
             "config": self.cfg.to_dict(),
-        }
+        })
         save_json(summary, self.out / "summary.json")
         return summary
 
@@ -251,6 +228,4 @@ def resume(out: str | os.PathLike, *, data_dir: Path | None = None, progress: bo
         raise TrainingError(f"{out} holds no config.toml: it is not a bpfree run directory")
     cfg = resolve(load_toml(out / "config.toml"))
     run = Run(cfg, out, data_dir=data_dir, progress=progress)
-    if not run.checkpoint_path.exists():
-        return run.fit(resume=False)
-    return run.fit(resume=True)
+    return run.fit(resume=run.checkpoint_path.exists())
