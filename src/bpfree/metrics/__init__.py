@@ -1,0 +1,1 @@
+"""Alignment diagnostics: how close a method's learning signals are to backpropagation's."""

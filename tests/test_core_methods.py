@@ -1,0 +1,210 @@
+"""Oracle tests of BP, DFA and GrAPE (issue: foundation).
+
+Expected values come from what each method is meant to compute (see tests/README.md).
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import bpfree
+from bpfree.feedback import rules
+from bpfree.feedback.estimators import RunningJacobian, sample_jacobians
+from bpfree.feedback.matrices import frobenius_cos, rowcos
+from bpfree.metrics.jacobians import mean_jacobians, per_sample_jacobians
+from bpfree.options import OptionError
+
+
+def one_hidden(seed=0, act=nn.Tanh):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(7, 5), act(), bpfree.FeedbackPoint(), nn.Linear(5, 3))
+
+
+def grads_of(model):
+    return [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("act", [nn.Tanh, nn.ReLU])
+def test_dfa_with_B_equal_to_J_transpose_gives_exactly_the_bp_gradients(act):
+    # y = W2 h + b2 with h = act(W1 x + b1): J = dy/dh = W2, so B = W2^T makes B e = J^T e.
+    model = one_hidden(act=act)
+    x, y = torch.randn(9, 7), torch.randint(0, 3, (9,))
+    bpfree.methods.create("bp", model).step(x, y, F.cross_entropy)
+    expected = grads_of(model)
+    model.zero_grad()
+    dfa = bpfree.methods.create("dfa", model)
+    dfa.feedback = {"2": model[3].weight.detach().t().clone()}
+    result = dfa.step(x, y, F.cross_entropy)
+    for e, p in zip(expected, model.parameters()):
+        torch.testing.assert_close(p.grad, e, rtol=0, atol=1e-7)
+    torch.testing.assert_close(result.loss, F.cross_entropy(model(x), y))
+
+
+def test_dfa_signal_is_B_e_and_accumulates_like_backward():
+    model = one_hidden()
+    x, y = torch.randn(4, 7), torch.randint(0, 3, (4,))
+    dfa = bpfree.methods.create("dfa", model, seed=3)
+    dfa.step(x, y, F.cross_entropy)
+    g1 = model[0].weight.grad.clone()
+    # by hand: e = (softmax(y) - onehot)/batch; delta = (B e) * act'(a); dW1 = delta^T x
+    B = dfa.feedback["2"]
+    a = model[0](x)
+    e = (F.softmax(model(x), 1) - F.one_hot(y, 3)) / 4
+    delta = (e @ B.t()) * (1 - torch.tanh(a) ** 2)
+    torch.testing.assert_close(g1, (delta.t() @ x).detach(), rtol=1e-5, atol=1e-6)
+    dfa.step(x, y, F.cross_entropy)  # .grad accumulates, as loss.backward() does
+    torch.testing.assert_close(model[0].weight.grad, 2 * g1)
+
+
+def test_dfa_cuts_the_graph_between_blocks():
+    model = bpfree.models.create("mlp", (6,), 3, widths=(5, 4, 4))
+    seen = []
+    for m in model:
+        if isinstance(m, nn.Linear):
+            m.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].requires_grad))
+    x = torch.randn(3, 6)
+    bpfree.methods.create("dfa", model).step(x, torch.tensor([0, 1, 2]), F.cross_entropy)
+    # Linear layers after a point see a detached input: no input gradients cross blocks.
+    assert seen == [False, False, False, False]
+    seen.clear()
+    bpfree.methods.create("bp", model).step(x, torch.tensor([0, 1, 2]), F.cross_entropy)
+    assert seen == [False, True, True, True]
+
+
+def test_feedback_matrix_shapes_and_initial_scale():
+    model = bpfree.models.create("mlp", (30,), 10, widths=(400, 300))
+    dfa = bpfree.methods.create("dfa", model)
+    dfa.step(torch.randn(2, 30), torch.tensor([0, 1]), F.cross_entropy)
+    shapes = {n: tuple(B.shape) for n, B in dfa.feedback.items()}
+    assert shapes == {"3": (400, 10), "6": (300, 10)}
+    # entries have variance scale^2 / o = 0.1
+    assert abs(dfa.feedback["3"].var().item() - 0.1) < 0.01
+    u = bpfree.methods.create("dfa", model, init="uniform")
+    u.step(torch.randn(2, 30), torch.tensor([0, 1]), F.cross_entropy)
+    B = u.feedback["3"]
+    assert B.abs().max() <= math.sqrt(3 / 10) and abs(B.var().item() - 0.1) < 0.01
+
+
+def test_jacobian_estimate_is_unbiased_and_converges():
+    torch.manual_seed(0)
+    model = bpfree.models.create("mlp", (6,), 4, widths=(8, 8, 8))
+    x = torch.randn(32, 6)
+    exact = mean_jacobians(model, x)
+    grape = bpfree.methods.create("grape", model)
+    g = torch.Generator().manual_seed(0)
+    avg = RunningJacobian("cumulative")
+    draws = 400
+    for _ in range(draws):
+        avg.update(sample_jacobians(model, x, grape.names, g))
+    for name, J in exact.items():
+        assert avg.count[name] == draws
+        # 400 draws x 32 samples: cosine well above the 0.95 the issue asks for
+        assert frobenius_cos(avg.mean[name], J) > 0.95, name
+    # one point at a time gives the same expectation
+    avg1 = RunningJacobian("cumulative")
+    for _ in range(200):
+        for name in exact:
+            avg1.update(sample_jacobians(model, x, grape.names, g, only=name))
+    for name, J in exact.items():
+        assert frobenius_cos(avg1.mean[name], J) > 0.95
+
+
+def test_single_point_estimate_matches_the_closed_form_on_a_linear_head():
+    # With one point, u = J d exactly (linear head), so J~ = (1/k) sum_i J d_i d_i^T: check directly.
+    model = one_hidden()
+    x = torch.randn(5, 7)
+    grape = bpfree.methods.create("grape", model)
+    g = torch.Generator().manual_seed(7)
+    est = sample_jacobians(model, x, grape.names, g)["2"]
+    d = torch.randn(5, 5, generator=torch.Generator().manual_seed(7))
+    J = model[3].weight.detach()
+    torch.testing.assert_close(est, J @ (d.t() @ d) / 5, rtol=1e-5, atol=1e-6)
+
+
+def test_rescale_rule_matches_its_formula_and_keeps_the_frobenius_norm():
+    B = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, -2.0]])
+    G = torch.tensor([[2.0, 0.0], [1.0, -1.0], [0.0, 1.0]])
+    c = torch.tensor([1.0, 0.0, -1.0])  # row cosines by hand
+    torch.testing.assert_close(rowcos(B, G), c)
+    eta = 0.1
+    by_hand = torch.tensor([[1.0, 0.0], [0.9, 0.9], [0.0, -1.6]])  # (1 - eta (1 - c_i)) B_i
+    torch.testing.assert_close(rules.rescale(B, G, eta), by_hand)
+    norm0 = float(B.norm())
+    new = rules.update_feedback(B, G, rule="rescale", eta=eta, norm0=norm0, noise=0.0)
+    torch.testing.assert_close(new, by_hand * norm0 / by_hand.norm())
+    torch.testing.assert_close(new.norm(), torch.tensor(norm0))
+    # with its default noise the norm is still restored exactly
+    noisy = rules.update_feedback(B, G, rule="rescale", eta=eta, norm0=norm0, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(noisy.norm(), torch.tensor(norm0))
+    assert not torch.allclose(noisy, new)
+
+
+def test_grape_keeps_feedback_norms_over_training_steps(blobs):
+    x, y = blobs
+    model = bpfree.models.create("mlp", (16,), 4, widths=(12, 12))
+    grape = bpfree.methods.create("grape", model, eta=0.05)
+    grape.step(x, y, F.cross_entropy)
+    norms = {n: float(B.norm()) for n, B in grape.feedback.items()}
+    for _ in range(5):
+        grape.step(x, y, F.cross_entropy)
+    for n, B in grape.feedback.items():
+        assert abs(float(B.norm()) - norms[n]) < 1e-4 * norms[n]
+    assert grape.steps == 6 and all(c == 6 for c in grape.jacobian.count.values())
+
+
+def test_state_dict_round_trip_reproduces_the_next_step(blobs):
+    x, y = blobs
+    torch.manual_seed(0)
+    model = bpfree.models.create("mlp", (16,), 4, widths=(12, 12))
+    grape = bpfree.methods.create("grape", model, eta=0.05)
+    for _ in range(3):
+        grape.step(x, y, F.cross_entropy)
+    state = grape.state_dict()
+    twin = bpfree.methods.create("grape", model, eta=0.05)
+    twin.load_state_dict(state)
+    model.zero_grad()
+    grape.step(x, y, F.cross_entropy)
+    g_a = grads_of(model)
+    B_a = {n: B.clone() for n, B in grape.feedback.items()}
+    model.zero_grad()
+    twin.step(x, y, F.cross_entropy)
+    for a, p in zip(g_a, model.parameters()):
+        torch.testing.assert_close(p.grad, a, rtol=0, atol=0)
+    for n in B_a:
+        torch.testing.assert_close(twin.feedback[n], B_a[n], rtol=0, atol=0)
+
+
+def test_errors_name_the_problem(blobs):
+    x, y = blobs
+    model = bpfree.models.create("mlp", (16,), 4)
+    with pytest.raises(ValueError, match="unknown method 'nope'; available: .*dfa"):
+        bpfree.methods.create("nope", model)
+    with pytest.raises(OptionError, match="unknown option for method 'grape': etaa; valid options: .*eta"):
+        bpfree.methods.create("grape", model, etaa=1)
+    with pytest.raises(OptionError, match="option 'rule' cannot be 'magic'; choose one of: rescale"):
+        bpfree.methods.create("grape", model, rule="magic")
+    with pytest.raises(OptionError, match="option 'eta' takes a number"):
+        bpfree.methods.create("grape", model, eta="fast")
+    with pytest.raises(ValueError, match="has none"):
+        bpfree.methods.create("dfa", nn.Sequential(nn.Linear(16, 4)))
+    dfa = bpfree.methods.create("dfa", model)
+    with pytest.raises(ValueError, match=r"cannot take input of shape \(64, 15\)"):
+        dfa.step(x[:, :15], y, F.cross_entropy)
+    with pytest.raises(ValueError, match="x holds 64 samples but y holds 63"):
+        dfa.step(x, y[:63], F.cross_entropy)
+    with pytest.raises(IndexError, match="out of bounds"):
+        dfa.step(x, torch.full_like(y, 9), F.cross_entropy)
+    with pytest.raises(ValueError, match="unknown model 'mpl'"):
+        bpfree.models.create("mpl", (16,), 4)
+    with pytest.raises(ValueError, match="widths"):
+        bpfree.models.create("mlp", (16,), 4, widths=())
+
+
+def test_per_sample_jacobian_helper_matches_the_closed_form():
+    # h = tanh(W1 x + b1); y = W2 h + b2  =>  dy/dh = W2 for every sample
+    model = one_hidden()
+    J = per_sample_jacobians(model, torch.randn(3, 7))["2"]
+    torch.testing.assert_close(J, model[3].weight.detach().expand(3, 3, 5))
