@@ -41,3 +41,13 @@ __all__ = [
     "read_idx",
     "write_idx",
 ]
+
+# Word-level language-modelling corpora (Penn Treebank, WikiText-2/103): see bpfree.data.text.
+from .text import TEXT_DATASETS, Corpus, TextDatasetInfo, fetch_text, load_text  # noqa: E402
+
+__all__ += ["TEXT_DATASETS", "Corpus", "TextDatasetInfo", "fetch_text", "load_text"]
+
+# CIFAR-10 / CIFAR-100 (canonical python archives): see bpfree.data.cifar.
+from .cifar import CIFAR, CifarInfo, fetch_cifar, load_cifar, load_cifar_splits, read_cifar  # noqa: E402
+
+__all__ += ["CIFAR", "CifarInfo", "fetch_cifar", "load_cifar", "load_cifar_splits", "read_cifar"]

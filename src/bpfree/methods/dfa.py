@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..feedback.matrices import init_feedback, point_width, project
-from ..options import option
+from ..options import OptionError, option
 from ..points import FeedbackPoint, Head, feedback_points, handled, head_marker
 from . import register
 from .base import LossFn, Method, StepResult, check_batch, forward_checked
@@ -33,6 +33,12 @@ class DirectFeedback(Method):
         init: str = option("normal", "distribution of the initial feedback matrices", choices=("normal", "uniform"))
         scale: float = option(1.0, "B_l entries have variance scale^2 / o (each row has norm ~scale)")
         seed: int = option(0, "seed of the method's own generator (feedback matrices, tangents)")
+        calibrate_every: int = option(0, "every T steps (or epochs) one ordinary BP step instead (0: never)")
+        calibrate_unit: str = option("steps", "unit of calibrate_every", choices=("steps", "epochs"))
+
+        def check(self) -> None:
+            if self.calibrate_every < 0:
+                raise OptionError(f"option 'calibrate_every' must not be negative, got {self.calibrate_every}")
 
     def __init__(self, model: nn.Module, **options: Any) -> None:
         super().__init__(model, **options)
@@ -47,6 +53,8 @@ class DirectFeedback(Method):
         self.feedback: dict[str, torch.Tensor] = {}
         self.generator: torch.Generator | None = None
         self._generator_state: torch.Tensor | None = None
+        self.steps = 0  # step() calls so far, calibration steps included
+        self._calibrate_next = False
 
     # -- pieces subclasses combine -------------------------------------------------------
     def rng(self, device: torch.device) -> torch.Generator:
@@ -139,8 +147,36 @@ class DirectFeedback(Method):
         if tensors:
             torch.autograd.backward(tensors, grads)
 
+    def calibration_due(self) -> bool:
+        """Whether this step is a calibration step (``calibrate_every`` steps, or after epochs)."""
+        T = self.options.calibrate_every
+        if T and self.options.calibrate_unit == "steps":
+            return self.steps % T == 0
+        due, self._calibrate_next = self._calibrate_next, False
+        return due
+
+    def on_epoch_end(self, epoch: int) -> None:
+        T = self.options.calibrate_every
+        if T and self.options.calibrate_unit == "epochs" and epoch % T == 0:
+            self._calibrate_next = True
+
+    def calibration_step(self, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) -> StepResult:
+        """One ordinary BP step on this mini-batch: ``loss.backward()`` through every block."""
+        out = forward_checked(self.model, x)
+        loss = loss_fn(out, y)
+        loss.backward()
+        return StepResult(loss.detach(), out.detach(), {"calibration": 1.0})
+
     def step(self, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) -> StepResult:
+        """A DFA-family step, or a BP calibration step when one is due.
+
+        Calibration (``calibrate_every = T``): steps ``T, 2T, ...`` (counting from 1) are BP steps,
+        or with ``calibrate_unit = "epochs"`` the first step after every ``T``-th epoch.
+        """
         check_batch(self.model, x, y)
+        self.steps += 1
+        if self.calibration_due():
+            return self.calibration_step(x, y, loss_fn)
         out, records = self.forward_cut(x)
         loss, e = self.output_error(out, y, loss_fn)
         self.ensure_feedback(records, e)
@@ -156,7 +192,8 @@ class DirectFeedback(Method):
 
     # -- state -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"feedback": {k: v.detach().clone() for k, v in self.feedback.items()}}
+        state: dict[str, Any] = {"feedback": {k: v.detach().clone() for k, v in self.feedback.items()},
+                                 "steps": self.steps, "calibrate_next": self._calibrate_next}
         if self.generator is not None:
             state["generator"] = self.generator.get_state()
         elif self._generator_state is not None:
@@ -171,6 +208,8 @@ class DirectFeedback(Method):
         self.feedback = {k: v.clone() for k, v in state.get("feedback", {}).items()}
         self.generator = None
         self._generator_state = state.get("generator")
+        self.steps = int(state.get("steps", 0))
+        self._calibrate_next = bool(state.get("calibrate_next", False))
 
 
 @register

@@ -50,6 +50,7 @@ class GrAPE(DirectFeedback):
         points: str = option("joint", "perturb all points in one forward-mode pass, or each point in its own pass", choices=("joint", "each"))
 
         def check(self) -> None:
+            super().check()
             if self.samples < 1:
                 raise OptionError(f"option 'samples' must be at least 1, got {self.samples}")
             if self.every < 1:
@@ -63,7 +64,6 @@ class GrAPE(DirectFeedback):
         super().__init__(model, **options)
         self.jacobian = RunningJacobian(self.options.average, self.options.beta)
         self.norm0: dict[str, float] = {}
-        self.steps = 0
 
     def estimate(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Fresh estimates ``J~_l`` (``(o, n_l)``) from the first ``samples`` inputs of ``x``."""
@@ -91,9 +91,8 @@ class GrAPE(DirectFeedback):
             )
 
     def before_delivery(self, x, y, e, records) -> None:
-        if self.steps % self.options.every == 0:
+        if (self.steps - 1) % self.options.every == 0:
             self.align(self.estimate(x))
-        self.steps += 1
 
     def alignment(self) -> dict[str, torch.Tensor]:
         """Frobenius cosine of each ``B_l`` with the running estimate ``Jbar_l^T``."""
@@ -110,11 +109,10 @@ class GrAPE(DirectFeedback):
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        state.update(jacobian=self.jacobian.state_dict(), norm0=dict(self.norm0), steps=self.steps)
+        state.update(jacobian=self.jacobian.state_dict(), norm0=dict(self.norm0))
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.jacobian.load_state_dict(state["jacobian"])
         self.norm0 = dict(state["norm0"])
-        self.steps = int(state["steps"])

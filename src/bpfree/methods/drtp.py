@@ -1,0 +1,79 @@
+"""Direct Random Target Projection (Frenkel, Lefebvre and Bol, 2021)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..feedback.matrices import project
+from . import register
+from .dfa import DirectFeedback
+from .base import LossFn, StepResult, check_batch
+
+
+def one_hot_targets(y: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``y* / N``: the one-hot targets of integer labels ``y``, shaped and typed like ``out``.
+
+    ``out``: ``(batch, o)`` or ``(batch, T, o)``; ``y``: ``(batch,)`` or ``(batch, T)`` integer labels in
+    ``[0, o)``. ``N`` is the number of target rows (``batch`` or ``batch * T``), so the projection is
+    a per-batch average like ``e = dL/dy`` of a mean-reduced loss.
+    """
+    o = out.shape[-1]
+    if y.dtype.is_floating_point or y.dtype == torch.bool or y.is_complex():
+        raise ValueError(
+            f"method 'drtp' projects one-hot class targets and needs integer labels, got a {y.dtype} "
+            f"target of shape {tuple(y.shape)}; DRTP is defined for classification only"
+        )
+    if tuple(y.shape) != tuple(out.shape[:-1]):
+        raise ValueError(
+            f"method 'drtp' needs one integer label per output row: the output is {tuple(out.shape)}, "
+            f"so labels of shape {tuple(out.shape[:-1])}, but they are {tuple(y.shape)}"
+        )
+    lo, hi = int(y.min()), int(y.max())
+    if lo < 0 or hi >= o:
+        raise ValueError(f"method 'drtp': labels lie in [{lo}, {hi}], outside the {o} classes [0, {o})")
+    return F.one_hot(y, o).to(out.dtype) / y.numel()
+
+
+@register
+class DRTP(DirectFeedback):
+    """Direct Random Target Projection: point ``l`` receives ``B_l y* / N``, the output error is not needed.
+
+    ``y*``: one-hot targets ``(batch, o)`` of the integer labels; ``B_l``: fixed random ``(n_l, o)``
+    (same options and initialisation as DFA); the signal at point ``l`` is ``delta_l = B_l y*_i / N``
+    per sample ``i`` (``N``: number of samples, so that the size matches ``e = dL/dy`` of a
+    mean-reduced loss), reshaped to ``h_l``; inside block ``l`` autograd turns it into weight
+    gradients, i.e. for a Linear+activation block ``dW_l = (delta_l * f'(a_l))^T h_{l-1}``. The
+    sign follows Frenkel et al. (the target stands in for the error; with the zero-mean ``B_l`` the
+    sign of the projection is immaterial in distribution). The head (the block after the last
+    point) still receives its true error ``e = dL/dy`` and its true gradient.
+
+    Needs feedback points (``bpfree.attach`` or a zoo model) and classification targets: integer
+    labels in ``[0, o)``, one per output row (``(batch,)``, or ``(batch, T)`` for sequence outputs).
+    Models with a :class:`bpfree.Head` marker project the one-hot targets over the model output's
+    ``o`` classes (``B_l`` is ``(n_l, o)`` with ``o`` the number of classes).
+    """
+
+    name = "drtp"
+    summary = "direct random target projection: fixed random B_l y* (one-hot targets) at every point"
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) -> StepResult:
+        check_batch(self.model, x, y)
+        out, records = self.forward_cut(x)
+        target = one_hot_targets(y, out)  # checked before anything is backpropagated
+        loss, e = self.output_error(out, y, loss_fn)
+        self.ensure_feedback(records, target)
+        self._target = target
+        try:
+            self.deliver(e, records, y)
+        finally:
+            self._target = None
+        return StepResult(loss, out.detach(), self.step_metrics())
+
+    def signal(self, name: str, e: torch.Tensor, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``B_l y* / N`` shaped like ``h`` (``y*`` from the labels ``y``; ``e`` is not used)."""
+        B = self.feedback[name]
+        target = getattr(self, "_target", None)
+        if target is None or target.shape[0] != h.shape[0]:
+            target = one_hot_targets(y, torch.empty(*y.shape, B.shape[1], dtype=B.dtype, device=B.device))
+        return project(B, target.to(B.dtype), h).to(h.dtype)
