@@ -166,3 +166,24 @@ def test_cli_train_compare_and_errors(tmp_path, capsys):
     assert "unknown method 'nope'" in capsys.readouterr().err
     assert cli.main(["list", "methods"]) == 0
     assert "rescale" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("method", ["dfa", "grape", "test-signsgd"])
+def test_diagnostics_leave_training_bit_identical(tmp_path, method):
+    plain = Run(cfg(method=method, log_every=4), tmp_path / "a", progress=False)
+    plain.fit()
+    probed = Run(cfg(method=method, log_every=4, diagnostics_every=3, probe_size=64), tmp_path / "b", progress=False)
+    probed.fit()
+    for k, v in plain.model.state_dict().items():
+        torch.testing.assert_close(probed.model.state_dict()[k], v, rtol=0, atol=0)
+    for k, v in plain.method.state_dict().items():
+        if isinstance(v, dict):
+            for kk, vv in v.items():
+                if isinstance(vv, torch.Tensor):
+                    torch.testing.assert_close(probed.method.state_dict()[k][kk], vv, rtol=0, atol=0)
+    lines = [json.loads(l) for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    diag = [l for l in lines if l["kind"] == "diagnostics"]
+    assert [d["step"] for d in diag] == [3, 6, 9, 12, 15]
+    assert all(-1 <= d["weight_grad_cos"] <= 1 for d in diag)
+    if method != "test-signsgd":
+        assert {"signal_cos/3", "b_jacobian_cos/3", "b_jacobian_unit_cos/6"} <= set(diag[0])

@@ -39,14 +39,14 @@ def _overrides(args, *names) -> dict:
     return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
 
 
-def _config(args, method: str | None):
+def _config(args, method: str | None, siblings: tuple[str, ...] = ()):
     from .train.config import load_toml, resolve
 
     base = load_toml(args.config) if args.config else {}
     over = _overrides(args)
     if method is not None:
         over["method"] = method
-    return resolve(base, args.set, over)
+    return resolve(base, args.set, over, sibling_methods=siblings)
 
 
 def _default_out(cfg) -> Path:
@@ -91,7 +91,7 @@ def cmd_compare(args) -> int:
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in names:
         methods.get(m)  # fail before any training on an unknown name
-    cfgs = [_config(args, m) for m in names]
+    cfgs = [_config(args, m, tuple(n for n in names if n != m)) for m in names]
     r = cfgs[0].run
     out = args.out or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-compare-{r.model}-{r.dataset}"
     summaries = []
@@ -150,6 +150,15 @@ def cmd_list(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from .report import plot_runs
+
+    runs = [Path(r) for r in args.runs]
+    out = args.out or (runs[0] / "report.png" if len(runs) == 1 else Path("report.png"))
+    print(f"written to {plot_runs(runs, out)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bpfree", description="Train networks without end-to-end backpropagation.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -161,7 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     _run_flags(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("compare", help="train several methods on the same settings; print a Markdown table")
+    p = sub.add_parser("compare", help="train several methods on the same settings; print a Markdown table",
+                       description="Method options apply to the methods that have them (--set rule=cosine "
+                                   "reaches grape only); --set METHOD.KEY=VALUE targets one method.")
     p.add_argument("--methods", required=True, help="comma-separated, e.g. bp,dfa,grape")
     p.add_argument("--out", type=Path, help="directory for the runs and compare.md")
     _run_flags(p)
@@ -174,6 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--source", default="auto", help="auto, registry, url, or a local file/folder")
     f.add_argument("--data-dir", type=Path)
     f.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("report", help="plot loss, test metric and alignment diagnostics of runs (PNG)")
+    p.add_argument("runs", nargs="+", help="run directories (or a compare directory's runs)")
+    p.add_argument("--out", type=Path, help="PNG file (default RUN/report.png for one run, else ./report.png)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("list", help="methods, models, datasets and their options")
     p.add_argument("what", nargs="?", default="all", choices=("all", "methods", "models", "datasets", "run"))

@@ -190,6 +190,20 @@ class DirectFeedback(Method):
     def step_metrics(self) -> dict[str, float]:
         return {}
 
+    def probe_signals(self, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) -> dict[str, torch.Tensor]:
+        """The signals this method sends to every point for ``(x, y)``, with the current ``B_l``.
+
+        Also fills ``.grad`` as a step would, but changes none of the method's state (no feedback
+        update, no step counted): for diagnostics, inside :func:`bpfree.metrics.alignment.sandbox`.
+        """
+        out, records = self.forward_cut(x)
+        _, e = self.output_error(out, y, loss_fn)
+        if any(name not in self.feedback for name, _ in records):
+            return {}
+        signals = {name: self.signal(name, e, h, y).detach() for name, h in records}
+        self.deliver(e, records, y)
+        return signals
+
     # -- state -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"feedback": {k: v.detach().clone() for k, v in self.feedback.items()},

@@ -83,12 +83,15 @@ def section_classes(run: RunOptions) -> dict[str, type]:
 
 
 def resolve(base: dict[str, dict[str, Any]] | None = None, sets: list[str] | tuple[str, ...] = (),
-            overrides: dict[str, Any] | None = None) -> RunConfig:
+            overrides: dict[str, Any] | None = None, sibling_methods: tuple[str, ...] = ()) -> RunConfig:
     """A checked :class:`RunConfig` from a TOML-like dict, ``KEY=VALUE`` strings and run overrides.
 
     ``base`` may hold the four sections, or flat keys (which are placed like ``--set`` keys).
     ``overrides`` are run options (from dedicated command-line flags) applied after ``base``.
-    Every section is validated and filled with its defaults.
+    Every section is validated and filled with its defaults. A key written ``NAME.key`` where
+    ``NAME`` is a method applies only when that method runs. ``sibling_methods`` (the other
+    methods of a comparison): a plain key that is an option of one of them, and of no section
+    here, is skipped instead of rejected.
     """
     raw: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
     flat: list[tuple[str, Any]] = []
@@ -116,14 +119,21 @@ def resolve(base: dict[str, dict[str, Any]] | None = None, sets: list[str] | tup
     run = opts.build(RunOptions, raw["run"], what="the run")
     classes = section_classes(run)
     valid = {s: {f.name for f in dataclasses.fields(c)} for s, c in classes.items()}
+    sibling_keys = {f.name for m in sibling_methods for f in dataclasses.fields(methods.get(m).Options)}
     for key, value in later:
         if "." in key:
             section, name = key.split(".", 1)
+            if section in methods.available() and section not in SECTIONS:
+                if section == run.method:
+                    raw["method"][name] = value
+                continue
             if section not in SECTIONS:
                 raise OptionError(f"unknown section {section!r} in {key!r}; sections: {', '.join(SECTIONS)}")
             raw[section][name] = value
             continue
         owners = [s for s in SECTIONS if key in valid[s]]
+        if not owners and key in sibling_keys:
+            continue
         if not owners:
             listing = "; ".join(f"{s}: {', '.join(sorted(valid[s])) or '(none)'}" for s in SECTIONS)
             raise OptionError(
