@@ -6,6 +6,7 @@ Run ``bpfree COMMAND --help`` for each command's flags.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -150,6 +151,22 @@ def cmd_list(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from .bench import bench, configs, table
+    from .train.config import load_toml
+
+    names = [m.strip() for m in args.methods.split(",") if m.strip()]
+    base = load_toml(args.config) if args.config else {}
+    cfgs = configs(names, base, args.set, _overrides(args))
+    rows = bench(cfgs, repeats=args.repeats, warmup=args.warmup, memory=not args.no_memory,
+                 progress=not args.no_progress)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(table(rows, cfgs[0], args.repeats))
+    return 0
+
+
 def cmd_report(args) -> int:
     from .report import plot_runs
 
@@ -185,6 +202,15 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--source", default="auto", help="auto, registry, url, or a local file/folder")
     f.add_argument("--data-dir", type=Path)
     f.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("bench", help="median step time and peak memory of methods, ratios to BP")
+    p.add_argument("--methods", default="bp,dfa,grape", help="comma-separated (default bp,dfa,grape)")
+    p.add_argument("--repeats", type=int, default=20, help="timed steps per method (alternating)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps per method first")
+    p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    _run_flags(p)
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("report", help="plot loss, test metric and alignment diagnostics of runs (PNG)")
     p.add_argument("runs", nargs="+", help="run directories (or a compare directory's runs)")

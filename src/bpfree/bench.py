@@ -1,0 +1,167 @@
+"""Benchmark harness: step time and peak memory of methods, measured the same way for all.
+
+Step time: every method gets its own copy of the model (same initial weights), optimizer and
+the same real batches. After ``warmup`` steps each, ``repeats`` rounds run one step of every
+method in turn (alternating, so drifts in machine load hit all methods alike); a step is
+``zero_grad + method.step + optimizer.step`` (CUDA is synchronised around it). Reported: the
+median over repeats and its ratio to BP's median measured in the same process.
+
+Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` over ``mem_steps`` steps. On CPU, each
+method runs in a fresh subprocess (Linux) and the figure is the growth of its peak resident set
+size (``VmHWM``, reset through ``/proc/self/clear_refs`` once the model and one batch are in
+memory and the rest of the data is freed): the memory training adds (optimizer state, feedback
+matrices, estimates, activations, allocator slack).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from . import methods, models, tasks
+from .train.config import RunConfig, resolve
+from .train.loop import make_optimizer, resolve_device
+
+
+@dataclass
+class Contender:
+    name: str
+    model: torch.nn.Module
+    method: object
+    optimizer: torch.optim.Optimizer
+
+
+def build(cfg: RunConfig, task, device) -> Contender:
+    torch.manual_seed(cfg.run.seed)
+    model = models.create(cfg.run.model, task.input_shape, task.num_classes, **cfg.model).to(device)
+    method = methods.create(cfg.run.method, model, **cfg.method)
+    return Contender(cfg.run.method, model, method, make_optimizer(cfg.run, model.parameters()))
+
+
+def one_step(c: Contender, task, x, y, device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    c.optimizer.zero_grad(set_to_none=True)
+    c.method.step(x, y, task.loss_fn)
+    c.optimizer.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0
+
+
+def configs(names: list[str], base: dict, sets: list[str], overrides: dict) -> list[RunConfig]:
+    for n in names:
+        methods.get(n)
+    return [resolve(base, sets, {**overrides, "method": n}, sibling_methods=tuple(m for m in names if m != n))
+            for n in names]
+
+
+def load_task(cfg: RunConfig, device):
+    r = cfg.run
+    return tasks.load(r.dataset, cfg.data, None, max(r.batch_size * 4, r.limit_train), r.batch_size).to(device)
+
+
+def time_methods(cfgs: list[RunConfig], repeats: int = 20, warmup: int = 5, progress: bool = True) -> dict[str, list[float]]:
+    """Per-step seconds of every config's method, ``repeats`` samples each, alternating."""
+    device = resolve_device(cfgs[0].run.device)
+    task = load_task(cfgs[0], device)
+    contenders = [build(c, task, device) for c in cfgs]
+    B = cfgs[0].run.batch_size
+    nb = task.num_batches(B)
+    batches = [task.train_batch(0, 0, i % nb, B) for i in range(4)]
+    for c in contenders:
+        for i in range(warmup):
+            one_step(c, task, *batches[i % len(batches)], device)
+    times: dict[str, list[float]] = {c.name: [] for c in contenders}
+    from tqdm.auto import tqdm
+
+    for r in tqdm(range(repeats), desc="bench", disable=not progress, leave=False):
+        x, y = batches[r % len(batches)]
+        for c in contenders:
+            times[c.name].append(one_step(c, task, x, y, device))
+    return times
+
+
+def peak_memory_mb(cfg: RunConfig, steps: int = 3) -> float:
+    """Peak memory added by ``steps`` training steps of ``cfg``'s method (see module docstring)."""
+    device = resolve_device(cfg.run.device)
+    if device.type == "cuda":
+        task = load_task(cfg, device)
+        c = build(cfg, task, device)
+        x, y = task.train_batch(0, 0, 0, cfg.run.batch_size)
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        for _ in range(steps):
+            one_step(c, task, x, y, device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    payload = json.dumps({"config": cfg.to_dict(), "steps": steps})
+    code = "import sys, bpfree.bench as b; b._memory_child(sys.argv[1])"
+    res = subprocess.run([sys.executable, "-c", code, payload], capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        raise RuntimeError(f"memory measurement of {cfg.run.method} failed: {res.stderr.strip().splitlines()[-1:]}")
+    return float(res.stdout.strip().splitlines()[-1])
+
+
+def _status_kib(field: str) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _memory_child(payload: str) -> None:
+    import gc
+
+    spec = json.loads(payload)
+    cfg = resolve(spec["config"])
+    device = torch.device("cpu")
+    task = load_task(cfg, device)
+    c = build(cfg, task, device)
+    x, y = (t.clone() for t in task.train_batch(0, 0, 0, cfg.run.batch_size))
+    del task.train_x, task.test_x
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak resident set size (VmHWM) to the current one
+    base = _status_kib("VmRSS")
+    for _ in range(spec["steps"]):
+        one_step(c, task, x, y, device)
+    print((_status_kib("VmHWM") - base) / 1024.0)
+
+
+def bench(cfgs: list[RunConfig], repeats: int = 20, warmup: int = 5, memory: bool = True, progress: bool = True) -> list[dict]:
+    """Rows ``{method, median_ms, p25_ms, p75_ms, ratio_to_bp, peak_mem_mb}`` (ratio to the first
+    method when ``bp`` is not among them)."""
+    times = time_methods(cfgs, repeats, warmup, progress)
+    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    ref = med.get("bp", next(iter(med.values())))
+    rows = []
+    for cfg in cfgs:
+        name = cfg.run.method
+        q = statistics.quantiles(times[name], n=4) if len(times[name]) > 1 else [times[name][0]] * 3
+        rows.append({
+            "method": name, "median_ms": round(med[name], 3), "p25_ms": round(q[0] * 1e3, 3),
+            "p75_ms": round(q[2] * 1e3, 3), "ratio_to_bp": round(med[name] / ref, 3),
+            "peak_mem_mb": round(peak_memory_mb(cfg), 1) if memory else None,
+        })
+    return rows
+
+
+def table(rows: list[dict], cfg: RunConfig, repeats: int) -> str:
+    r = cfg.run
+    device = resolve_device(r.device)
+    head = (f"{r.model} on {r.dataset}-shaped batches of {r.batch_size}, {r.optimizer}, {device}, "
+            f"{torch.get_num_threads()} threads, median of {repeats} steps\n\n"
+            "| method | median ms/step | p25–p75 ms | ratio to bp | peak memory MB |\n|---|---|---|---|---|\n")
+    return head + "".join(
+        f"| {row['method']} | {row['median_ms']:.2f} | {row['p25_ms']:.2f}–{row['p75_ms']:.2f} | "
+        f"{row['ratio_to_bp']:.3f} | {row['peak_mem_mb'] if row['peak_mem_mb'] is not None else '–'} |\n"
+        for row in rows
+    )
