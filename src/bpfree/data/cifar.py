@@ -504,10 +504,10 @@ def fetch_cifar(name: str, data_dir: Optional[Union[str, os.PathLike]] = None,
     try:
         _src.ensure_files(root, info.files, plan, what=info.name, progress=progress, rehash=rehash)
     except DataError as e:
-        raise DataError(
-            f"{e}\nWithout internet, copy {info.archive} into {root}/ or pass its path (or the "
-            f"extracted {info.folder} folder) as the source."
-        ) from None
+        lines = [l for l in str(e).splitlines() if not l.startswith("Pass source=")]  # the IDX advice
+        lines.append(f"Pass source=<path> ({info.archive}, a folder holding it, or the extracted {info.folder} "
+                     f"folder) or source=<base URL> of a mirror; without internet, copy {info.archive} into {root}/.")
+        raise DataError("\n".join(lines)) from None
     return root / info.archive
 
 

@@ -10,6 +10,7 @@ import torch
 from ..feedback.matrices import flat_features, lead_dims
 from ..options import OptionError, option
 from . import register
+from .base import LossFn, StepResult
 from .dfa import DirectFeedback
 
 
@@ -56,19 +57,33 @@ class DKP(DirectFeedback):
 
     @dataclass
     class Options(DirectFeedback.Options):
-        eta: float = option(1e-2, "learning rate of the feedback matrices (plain SGD)")
+        eta: float = option(1.0, "learning rate of the feedback matrices (plain SGD)")
         weight_decay: float = option(1e-3, "weight decay of the feedback matrices (Kolen-Pollack's decay)")
 
         def check(self) -> None:
+            super().check()
             if self.eta < 0:
                 raise OptionError(f"option 'eta' must be non-negative, got {self.eta}")
             if self.weight_decay < 0:
                 raise OptionError(f"option 'weight_decay' must be non-negative, got {self.weight_decay}")
 
-    def deliver(self, e: torch.Tensor, records, y: torch.Tensor) -> None:
-        """Deliver ``B_l e`` as DFA does, then move every ``B_l`` by the DKP rule."""
-        super().deliver(e, records, y)
-        o = self.options
-        with torch.no_grad():
-            for name, h in records:
-                self.feedback[name] = dkp_update(self.feedback[name], h, e, o.eta, o.weight_decay)
+    def before_delivery(self, x, y, e, records) -> None:
+        """Remember ``(h_l, e)`` of this step; :meth:`step` applies the rule after the delivery."""
+        super().before_delivery(x, y, e, records)
+        self._pending = ([(name, h.detach()) for name, h in records], e.detach())
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) -> StepResult:
+        """A DFA step with the current ``B_l``, then one DKP update of every ``B_l``.
+
+        (BP calibration steps, if enabled, leave ``B_l`` as it is.)
+        """
+        self._pending = None
+        result = super().step(x, y, loss_fn)
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            records, e = pending
+            o = self.options
+            with torch.no_grad():
+                for name, h in records:
+                    self.feedback[name] = dkp_update(self.feedback[name], h, e, o.eta, o.weight_decay)
+        return result

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from ..feedback.matrices import project
 from . import register
 from .dfa import DirectFeedback
-from .base import LossFn, StepResult, check_batch
+from .base import LossFn
 
 
 def one_hot_targets(y: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -57,18 +57,14 @@ class DRTP(DirectFeedback):
     name = "drtp"
     summary = "direct random target projection: fixed random B_l y* (one-hot targets) at every point"
 
-    def step(self, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) -> StepResult:
-        check_batch(self.model, x, y)
-        out, records = self.forward_cut(x)
-        target = one_hot_targets(y, out)  # checked before anything is backpropagated
-        loss, e = self.output_error(out, y, loss_fn)
-        self.ensure_feedback(records, target)
-        self._target = target
-        try:
-            self.deliver(e, records, y)
-        finally:
-            self._target = None
-        return StepResult(loss, out.detach(), self.step_metrics())
+    def output_error(self, out: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) -> tuple[torch.Tensor, torch.Tensor]:
+        """Check the labels and keep ``y* / N`` (``self._target``), then DFA's ``(loss, e)``."""
+        self._target = one_hot_targets(y, out)  # checked before anything is backpropagated
+        return super().output_error(out, y, loss_fn)
+
+    def ensure_feedback(self, records, e: torch.Tensor) -> None:
+        """``B_l`` of shape ``(n_l, o)`` with ``o`` the number of classes (the width of ``y*``)."""
+        super().ensure_feedback(records, self._target)
 
     def signal(self, name: str, e: torch.Tensor, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """``B_l y* / N`` shaped like ``h`` (``y*`` from the labels ``y``; ``e`` is not used)."""

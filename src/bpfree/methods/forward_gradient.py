@@ -191,6 +191,7 @@ class ForwardGradientActivity(DirectFeedback):
 
     def step(self, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) -> StepResult:
         check_batch(self.model, x, y)
+        self.steps += 1
         out, records = self.forward_cut(x)
         loss, e = self.output_error(out, y, loss_fn)
         self._estimates = self.estimate(x, e)
@@ -199,6 +200,30 @@ class ForwardGradientActivity(DirectFeedback):
         finally:
             self._estimates = None
         return StepResult(loss, out.detach(), {})
+
+    def on_epoch_end(self, epoch: int) -> None:
+        """Nothing to do: fg-activity has no BP calibration."""
+
+    def probe_signals(self, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) -> dict[str, torch.Tensor]:
+        """One step's estimates ``g_l`` per point for ``(x, y)`` (and the ``.grad`` they give).
+
+        The method's generator is put back afterwards, so training continues as if unprobed.
+        """
+        saved = None if self.generator is None else self.generator.get_state()
+        pending = self._generator_state
+        try:
+            out, records = self.forward_cut(x)
+            _, e = self.output_error(out, y, loss_fn)
+            self._estimates = self.estimate(x, e)
+            signals = {name: self.signal(name, e, h, y).detach() for name, h in records}
+            self.deliver(e, records, y)
+        finally:
+            self._estimates = None
+            if saved is None:
+                self.generator, self._generator_state = None, pending
+            else:
+                self.generator.set_state(saved)
+        return signals
 
     def signal(self, name: str, e: torch.Tensor, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The activity-gradient estimate ``g_l`` of the current step, shaped like ``h``."""
