@@ -384,9 +384,18 @@ def test_resnet_dfa_cuts_the_graph_at_every_block_input():
 # --------------------------------------------------------------------------- slow: the CLI on real data
 
 
+def _cli_cases():
+    cases = []
+    for name in ("cnn", "alexnet", "vgg16", "resnet20", "resnet56"):
+        for method in ("bp", "dfa", "grape"):
+            marks = [pytest.mark.xfail(strict=True, reason=GRAPE_BN_BUG.kwargs["reason"])] \
+                if method == "grape" and HAS_BN[name] else []
+            cases.append(pytest.param(name, method, marks=marks, id=f"{name}-{method}"))
+    return cases
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["bp", "dfa", "grape"])
-@pytest.mark.parametrize("name", ["cnn", "alexnet", "vgg16", "resnet20", "resnet56"])
+@pytest.mark.parametrize("name,method", _cli_cases())
 def test_cli_trains_every_model_on_padded_fashion_mnist(tmp_path, name, method):
     from bpfree import cli
     from bpfree.data import DataError, fetch

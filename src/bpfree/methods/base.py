@@ -55,6 +55,11 @@ class Method:
             raise TypeError(f"method {self.name!r} needs an nn.Module, got {type(model).__name__}")
         self.model = model
         self.options = opts.build(self.Options, options, what=f"method {self.name!r}")
+        #: Averages a tensor over data-parallel workers (identity on one process). Methods that
+        #: keep batch statistics of their own (GrAPE's Jacobian estimates) pass them through it so
+        #: their state stays identical on every worker; the training loop sets it under
+        #: torch.distributed.
+        self.average_across_workers: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
 
     def step(self, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) -> StepResult:
         """Forward ``x``, compute ``loss_fn(output, y)``, fill ``.grad`` of the parameters."""

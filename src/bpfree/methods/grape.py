@@ -77,8 +77,8 @@ class GrAPE(DirectFeedback):
         return out
 
     def align(self, estimates: dict[str, torch.Tensor]) -> None:
-        """Fold ``estimates`` into ``Jbar`` and move every ``B_l`` by the rule."""
-        self.jacobian.update(estimates)
+        """Fold ``estimates`` (averaged over data-parallel workers) into ``Jbar``; move every ``B_l``."""
+        self.jacobian.update({k: self.average_across_workers(v) for k, v in estimates.items()})
         o = self.options
         renorm = None if o.renorm == "auto" else o.renorm
         for name in estimates:
