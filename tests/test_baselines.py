@@ -517,6 +517,20 @@ def test_fg_activity_single_draw_matches_its_closed_form():
     close(W2.grad, e.t() @ h1)
 
 
+@pytest.mark.parametrize("points", ["each", "joint"])
+def test_fg_activity_with_batchnorm_updates_running_statistics_once(points):
+    """The estimate passes must neither move BatchNorm's statistics nor break the training graph."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), nn.BatchNorm1d(5), nn.Tanh(), FeedbackPoint(), nn.Linear(5, 2)).to(DT)
+    x, y = torch.randn(8, 3, dtype=DT), torch.randint(0, 2, (8,))
+    ref = copy.deepcopy(model)
+    ref(x)  # one training forward: what a step should do to the statistics
+    methods.create("fg-activity", model, samples=3, points=points).step(x, y, F.cross_entropy)
+    for a, b in zip(model.buffers(), ref.buffers()):
+        close(a, b)
+    assert all(p.grad is not None for p in model.parameters())
+
+
 # ------------------------------------------------------------------------------------------
 # every method: trains, refuses what it cannot train, resumes, can be probed
 # ------------------------------------------------------------------------------------------

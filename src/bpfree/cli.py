@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -44,7 +45,7 @@ def _config(args, method: str | None, siblings: tuple[str, ...] = ()):
     from .train.config import load_toml, resolve
 
     base = load_toml(args.config) if args.config else {}
-    over = _overrides(args)
+    over = _overrides(args, "amp")
     if method is not None:
         over["method"] = method
     return resolve(base, args.set, over, sibling_methods=siblings)
@@ -55,20 +56,91 @@ def _default_out(cfg) -> Path:
     return Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{r.method}-{r.model}-{r.dataset}"
 
 
+_RESUME_ALLOWED = {"resume", "data_dir", "no_progress", "device", "nproc", "command", "func", "argv"}
+
+
+def _parallel_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--amp", choices=("none", "bf16", "fp16"),
+                   help="mixed precision: bf16 or fp16 autocast around each step (fp16 adds gradient scaling)")
+    p.add_argument("--nproc", type=int, metavar="N",
+                   help="data parallel over N processes on this machine (global batch = --batch-size); "
+                        "or launch with torchrun --nproc_per_node N -m bpfree.cli ...")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in --out (default: refuse)")
+
+
+def _spawn_if_asked(args) -> int | None:
+    """Start ``--nproc`` processes running this very command line; ``None`` when this process trains."""
+    from . import distributed
+
+    world = distributed.env_world_size()
+    if args.nproc is None or args.nproc == 1 and world == 1:
+        return None
+    if args.nproc < 1:
+        raise OptionError(f"--nproc must be at least 1, got {args.nproc}")
+    if world > 1:
+        if args.nproc != world:
+            raise OptionError(f"--nproc {args.nproc} disagrees with WORLD_SIZE={world} set by the launcher (torchrun)")
+        return None
+    # configuration errors once, here, before any process starts
+    if getattr(args, "resume", None):
+        from .train.config import load_toml, resolve
+
+        toml = Path(args.resume) / "config.toml"
+        cfgs = [resolve(load_toml(toml))] if toml.exists() else []
+    elif getattr(args, "methods", None) is not None:
+        names = [m.strip() for m in args.methods.split(",") if m.strip()]
+        cfgs = [_config(args, m, tuple(n for n in names if n != m)) for m in names]
+    else:
+        cfgs = [_config(args, args.method)]
+    for cfg in cfgs:
+        distributed.Workers(0, args.nproc).check_batch_size(cfg.run.batch_size)
+    import torch.multiprocessing as mp
+
+    try:
+        distributed.spawn(args.nproc, distributed._cli_worker, args.argv)
+    except mp.ProcessExitedException as err:
+        if err.exit_code is not None and err.exit_code > 0:
+            return err.exit_code  # the process printed its own error
+        print(f"bpfree: error: worker process {err.error_index} ended with "
+              f"{err.signal_name or f'exit code {err.exit_code}'}", file=sys.stderr)
+        return 1
+    except mp.ProcessRaisedException as err:
+        print(f"bpfree: error: worker process {err.error_index} failed:\n{err}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_train(args) -> int:
+    from . import distributed
     from .train.loop import resume, train
 
+    spawned = _spawn_if_asked(args)
+    if spawned is not None:
+        return spawned
     if args.resume:
-        summary = resume(args.resume, data_dir=args.data_dir, progress=not args.no_progress)
-        out = args.resume
-    else:
-        cfg = _config(args, args.method)
-        out = args.out or _default_out(cfg)
-        summary = train(cfg, out, data_dir=args.data_dir, progress=not args.no_progress)
+        given = sorted(k for k, v in vars(args).items()
+                       if k not in _RESUME_ALLOWED and v not in (None, False, []))
+        if given:
+            flags = ", ".join("--" + k.replace("_", "-") for k in given)
+            raise OptionError(f"--resume continues {args.resume} with its saved configuration; drop {flags} "
+                              f"(only --device, --nproc, --data-dir and --no-progress go with it)")
+    with distributed.from_environment() as workers:
+        if args.resume:
+            summary = resume(args.resume, data_dir=args.data_dir, progress=not args.no_progress,
+                             device=args.device, workers=workers)
+            out = args.resume
+        else:
+            cfg = _config(args, args.method)
+            out = workers.broadcast(args.out or _default_out(cfg))
+            summary = train(cfg, out, data_dir=args.data_dir, progress=not args.no_progress, workers=workers,
+                            overwrite=args.overwrite)
+        if not workers.is_root:
+            return 0
     key = summary["primary"]
+    procs = f" on {summary['processes']} processes" if summary.get("processes", 1) > 1 else ""
     print(f"{summary['method']} on {summary['dataset']} ({summary['model']}): {key.replace('_', ' ')} "
           f"{summary[key]:.4f}, test loss {summary['test_loss']:.4f}, "
-          f"{summary['train_seconds']:.1f} s training -> {out}")
+          f"{summary['train_seconds']:.1f} s training{procs} -> {out}")
     return 0
 
 
@@ -87,20 +159,35 @@ def comparison_table(summaries: list[dict]) -> str:
 
 
 def cmd_compare(args) -> int:
+    from . import distributed
     from .train.loop import train
 
+    spawned = _spawn_if_asked(args)
+    if spawned is not None:
+        return spawned
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not names:
+        raise OptionError("--methods names no method; give a comma-separated list such as bp,dfa,grape")
+    if len(set(names)) != len(names):
+        raise OptionError(f"--methods names a method twice: {args.methods}")
     for m in names:
         methods.get(m)  # fail before any training on an unknown name
     cfgs = [_config(args, m, tuple(n for n in names if n != m)) for m in names]
     r = cfgs[0].run
-    out = args.out or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-compare-{r.model}-{r.dataset}"
-    summaries = []
-    for cfg in cfgs:
-        summaries.append(train(cfg, Path(out) / cfg.run.method, data_dir=args.data_dir, progress=not args.no_progress))
+    with distributed.from_environment() as workers:
+        out = workers.broadcast(
+            args.out or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-compare-{r.model}-{r.dataset}")
+        summaries = []
+        for cfg in cfgs:
+            summaries.append(train(cfg, Path(out) / cfg.run.method, data_dir=args.data_dir,
+                                   progress=not args.no_progress, workers=workers, overwrite=args.overwrite))
+        if not workers.is_root:
+            return 0
     table = comparison_table(summaries)
     title = (f"{r.model} on {r.dataset}, {r.epochs} epoch(s), batch {r.batch_size}, {r.optimizer} lr {r.lr}, "
-             f"seed {r.seed}" + (f", first {r.limit_train} training samples" if r.limit_train else ""))
+             f"seed {r.seed}" + (f", first {r.limit_train} training samples" if r.limit_train else "")
+             + (f", amp {r.amp}" if r.amp != "none" else "")
+             + (f", {workers.world} processes" if workers.world > 1 else ""))
     text = f"{title}\n\n{table}"
     Path(out).mkdir(parents=True, exist_ok=True)
     (Path(out) / "compare.md").write_text(text)
@@ -176,8 +263,15 @@ def cmd_report(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors in bpfree's format (exit code 2, as argparse's)."""
+
+    def error(self, message: str):
+        self.exit(2, f"bpfree: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bpfree", description="Train networks without end-to-end backpropagation.")
+    parser = _Parser(prog="bpfree", description="Train networks without end-to-end backpropagation.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train one method")
@@ -185,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="run directory (default runs/<time>-<method>-<model>-<dataset>)")
     p.add_argument("--resume", type=Path, metavar="DIR", help="continue the interrupted run in DIR")
     _run_flags(p)
+    _parallel_flags(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("compare", help="train several methods on the same settings; print a Markdown table",
@@ -193,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", required=True, help="comma-separated, e.g. bp,dfa,grape")
     p.add_argument("--out", type=Path, help="directory for the runs and compare.md")
     _run_flags(p)
+    _parallel_flags(p)
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("data", help="datasets")
@@ -225,15 +321,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv
     try:
         return args.func(args)
-    except (OptionError, ValueError, FileNotFoundError, RuntimeError) as err:
-        print(f"bpfree: error: {err}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("bpfree: interrupted", file=sys.stderr)
         return 130
+    except (OptionError, ValueError, TypeError, FileNotFoundError, RuntimeError, OSError) as err:
+        if os.environ.get("BPFREE_DEBUG"):
+            raise
+        if not getattr(err, "replica", False):  # under data parallelism rank 0 says it once
+            text = str(err) or type(err).__name__
+            if isinstance(err, OSError) and err.strerror and err.filename:
+                text = f"{err.strerror}: {err.filename}"
+            print(f"bpfree: error: {text}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

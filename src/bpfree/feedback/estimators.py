@@ -107,3 +107,89 @@ class RunningJacobian:
     def load_state_dict(self, state: dict) -> None:
         self.mean = {k: v.clone() for k, v in state["mean"].items()}
         self.count = dict(state["count"])
+
+
+def block_parameters(model: nn.Module, x: torch.Tensor, names: dict[int, str]) -> dict[str, list[str]]:
+    """For every point, the names of the parameters of the block that ends at it.
+
+    Found by one forward pass that notes which modules run before each point (a parameter used by
+    several blocks belongs to the first). The block after the last point (the head) is left out.
+    """
+    owner: dict[str, int] = {}
+    order: list[str] = []
+    current = [0]
+    hooks = []
+    for mod_name, mod in model.named_modules():
+        own = [n for n, _ in mod.named_parameters(recurse=False)]
+        if own:
+            full = [f"{mod_name}.{n}" if mod_name else n for n in own]
+
+            def pre(m, inp, full=full):
+                for n in full:
+                    owner.setdefault(n, current[0])
+
+            hooks.append(mod.register_forward_pre_hook(pre))
+
+    def count(point: FeedbackPoint, h: torch.Tensor) -> torch.Tensor:
+        if not isinstance(point, Head):
+            order.append(names[id(point)])
+            current[0] += 1
+        return h
+
+    try:
+        with torch.no_grad(), handled(model, count), preserved_buffers(model):
+            model(x[:1])
+    finally:
+        for h in hooks:
+            h.remove()
+    return {name: [p for p, b in owner.items() if b == i] for i, name in enumerate(order)}
+
+
+def weight_perturbation_jacobians(
+    model: nn.Module,
+    x: torch.Tensor,
+    names: dict[int, str],
+    blocks: dict[str, list[str]],
+    generator: torch.Generator,
+) -> dict[str, torch.Tensor]:
+    """Jacobian estimates from weight perturbation, one forward-mode pass per point.
+
+    For point ``l`` the parameters of block ``l`` get tangents ``V ~ N(0, I)``; the tangent that
+    arrives at the point is ``t_l`` (``(k, n_l)``) and the output tangent ``u = J_l t_l``. Then
+    ``E[u t^T] = J_l E[t t^T]``, and the estimate is ``(mean_i u_i t_i^T) / mean_i (t_i * t_i)``,
+    dividing column ``j`` by the mean of ``t_j^2``. For a block ``f(W h + b)`` with element-wise
+    ``f``, rows of ``V`` are independent, so ``E[t t^T]`` is diagonal and this is consistent for
+    the mean Jacobian weighted per unit by ``E[t_j^2]`` (exactly ``J`` when ``J`` is the same for
+    every sample, as for the last hidden point of an MLP). Blocks whose tangent covariance is not
+    diagonal (convolutions sharing weights across positions) get a biased estimate: prefer
+    activity perturbation there.
+    """
+    from torch.func import functional_call
+
+    params = dict(model.named_parameters())
+    out: dict[str, torch.Tensor] = {}
+    for name, owned in blocks.items():
+        if not owned:
+            continue
+        at_point: list[torch.Tensor] = []
+        at_head: list[torch.Tensor | None] = []
+
+        def watch(point: FeedbackPoint, h: torch.Tensor, name=name) -> torch.Tensor:
+            if isinstance(point, Head):
+                at_head.append(fwAD.unpack_dual(h).tangent)
+            elif names[id(point)] == name:
+                at_point.append(fwAD.unpack_dual(h).tangent)
+            return h
+
+        with torch.no_grad(), fwAD.dual_level(), handled(model, watch), preserved_buffers(model):
+            dual = {
+                k: fwAD.make_dual(p, torch.randn(p.shape, generator=generator, device=p.device, dtype=p.dtype))
+                for k, p in params.items() if k in owned
+            }
+            y = functional_call(model, dual, (x,), strict=False)
+            u = at_head[0] if at_head else fwAD.unpack_dual(y).tangent
+        t = at_point[0]
+        lead = lead_dims(u, t)
+        U, T = flat_features(u, lead), flat_features(t, lead)
+        out[name] = (U.t() @ T / U.shape[0]) / (T * T).mean(0).clamp_min(1e-12)
+    return out

@@ -29,6 +29,31 @@ from .dfa import DirectFeedback
 from .fa import method_generator
 
 
+@contextlib.contextmanager
+def untouched_buffers(model: nn.Module):
+    """Leave every buffer of ``model`` as it was after the block, without writing to unchanged ones.
+
+    Norm layers that track running statistics in training mode stop tracking them for the block
+    (they still normalise with the batch statistics, as in training); any other buffer a module
+    changes is copied back. Buffers nobody touched are not written to, so an autograd graph built
+    before the block (which saved BatchNorm's running statistics) stays valid for ``backward``.
+    """
+    norms = [m for m in model.modules()
+             if isinstance(m, nn.modules.batchnorm._NormBase) and m.training and m.track_running_stats]
+    saved = [(b, b._version, b.detach().clone()) for b in model.buffers()]
+    for m in norms:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in norms:
+            m.track_running_stats = True
+        with torch.no_grad():
+            for b, version, value in saved:
+                if b._version != version:
+                    b.copy_(value)
+
+
 def _check_samples(samples: int) -> None:
     if samples < 1:
         raise OptionError(f"option 'samples' must be at least 1, got {samples}")
@@ -41,7 +66,8 @@ class ForwardGradientWeight(Method):
     ``theta``: all trainable parameters (``P`` numbers, one vector); ``v_k ~ N(0, I_P)`` (one normal
     tensor per parameter); ``grad L . v_k`` is the directional derivative of the loss, from one
     forward-mode pass (``torch.autograd.forward_ad`` dual parameters through
-    ``torch.func.functional_call``). ``E[v v^T] = I`` makes ``g`` unbiased for ``dL/dtheta``; its
+    ``torch.func.functional_call``; ``torch.func.jvp`` would refuse the in-place update of BatchNorm
+    statistics). ``E[v v^T] = I`` makes ``g`` unbiased for ``dL/dtheta``; its
     variance grows with ``P`` (per coordinate ``(|grad L|^2 + (dL/dtheta_j)^2) / K``). ``g`` is added to
     each parameter's ``.grad``. ``K = samples`` forward-mode passes per step; buffers (BatchNorm
     statistics) are updated by the first only.
@@ -136,7 +162,8 @@ class ForwardGradientActivity(DirectFeedback):
 
     Samples are assumed not to interact inside the model (no BatchNorm in training mode between a
     point and the output); otherwise the cross-sample terms of the activity gradient are dropped.
-    The estimate pass leaves buffers unchanged. Needs feedback points (``bpfree.attach`` or a zoo
+    The estimate passes leave buffers unchanged (BatchNorm normalises with the batch statistics but
+    does not update its running ones there). Needs feedback points (``bpfree.attach`` or a zoo
     model).
     """
 
@@ -176,7 +203,7 @@ class ForwardGradientActivity(DirectFeedback):
                     primal, tangent = fwAD.unpack_dual(h)
                     return fwAD.make_dual(primal, d if tangent is None else tangent + d)
 
-                with torch.no_grad(), fwAD.dual_level(), handled(self.model, inject), preserved_buffers(self.model):
+                with torch.no_grad(), fwAD.dual_level(), handled(self.model, inject), untouched_buffers(self.model):
                     out = forward_checked(self.model, x)
                     u = at_head[0] if at_head else fwAD.unpack_dual(out).tangent
                     u = None if u is None else u.clone()

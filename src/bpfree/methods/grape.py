@@ -8,11 +8,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..feedback.estimators import RunningJacobian, sample_jacobians
-from ..feedback.matrices import frobenius_cos
+import torch.autograd.forward_ad as fwAD
+
+from ..feedback.estimators import RunningJacobian, block_parameters, sample_jacobians, weight_perturbation_jacobians
+from ..feedback.matrices import flat_features, frobenius_cos, lead_dims
+from ..points import FeedbackPoint, Head, handled
 from ..feedback.rules import RENORMS, RULES, update_feedback
 from ..options import OptionError, option
 from . import register
+from .base import forward_checked
 from .dfa import DirectFeedback
 
 
@@ -48,6 +52,8 @@ class GrAPE(DirectFeedback):
         beta: float = option(0.99, "decay of the exponential moving average (average=ema)")
         every: int = option(1, "update the estimate and B every this many steps")
         points: str = option("joint", "perturb all points in one forward-mode pass, or each point in its own pass", choices=("joint", "each"))
+        estimator: str = option("subbatch", "subbatch: a separate forward-mode pass over `samples` inputs; train-pass: tangents ride along the training forward pass over the whole batch", choices=("subbatch", "train-pass"))
+        perturb: str = option("activity", "perturb activities at the points, or the weights of each block (one pass per block)", choices=("activity", "weight"))
 
         def check(self) -> None:
             super().check()
@@ -59,16 +65,29 @@ class GrAPE(DirectFeedback):
                 raise OptionError(f"option 'beta' must lie in [0, 1), got {self.beta}")
             if self.eta < 0:
                 raise OptionError(f"option 'eta' must be non-negative, got {self.eta}")
+            if self.estimator == "train-pass" and (self.perturb != "activity" or self.points != "joint"):
+                raise OptionError("estimator=train-pass perturbs activities at all points jointly; "
+                                  "use it with perturb=activity and points=joint")
 
     def __init__(self, model: nn.Module, **options: Any) -> None:
         super().__init__(model, **options)
         self.jacobian = RunningJacobian(self.options.average, self.options.beta)
         self.norm0: dict[str, float] = {}
+        self._pending: dict[str, torch.Tensor] | None = None
+        self._blocks: dict[str, list[str]] | None = None
+
+    def update_due(self) -> bool:
+        """Whether this step (``self.steps``, counted from 1) updates the estimate and ``B``."""
+        return (self.steps - 1) % self.options.every == 0
 
     def estimate(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Fresh estimates ``J~_l`` (``(o, n_l)``) from the first ``samples`` inputs of ``x``."""
         xs = x[: self.options.samples]
         g = self.rng(xs.device)
+        if self.options.perturb == "weight":
+            if self._blocks is None:
+                self._blocks = block_parameters(self.model, xs, self.names)
+            return weight_perturbation_jacobians(self.model, xs, self.names, self._blocks, g)
         if self.options.points == "joint":
             return sample_jacobians(self.model, xs, self.names, g)
         out: dict[str, torch.Tensor] = {}
@@ -90,8 +109,53 @@ class GrAPE(DirectFeedback):
                 generator=self.rng(B.device),
             )
 
+    def forward_cut(self, x: torch.Tensor):
+        """DFA's cut forward pass; with ``estimator="train-pass"`` it also carries tangents.
+
+        Train-pass: inside one ``dual_level`` every point hands the next block its ``h_l`` detached
+        with tangent ``(incoming tangent) + d_l``, ``d_l ~ N(0, I)``; the primal keeps its autograd
+        graph for the DFA backward, and the output tangent ``u`` gives ``J~_l = mean_i u_i d_{l,i}^T``
+        over the whole batch, kept for :meth:`before_delivery`.
+        """
+        self._pending = None
+        if self.options.estimator != "train-pass" or not self.update_due():
+            return super().forward_cut(x)
+        g = self.rng(x.device)
+        records: list[tuple[str, torch.Tensor]] = []
+        tangents: dict[str, torch.Tensor] = {}
+        at_head: list[torch.Tensor | None] = []
+        self._head_input = None
+
+        def cut(point: FeedbackPoint, h: torch.Tensor) -> torch.Tensor:
+            primal, tangent = fwAD.unpack_dual(h)
+            if isinstance(point, Head):
+                at_head.append(tangent)
+                self._head_input = (primal, primal.detach().requires_grad_())
+                return self._head_input[1]
+            name = self.names[id(point)]
+            records.append((name, primal))
+            d = torch.randn(primal.shape, generator=g, device=primal.device, dtype=primal.dtype)
+            tangents[name] = d
+            return fwAD.make_dual(primal.detach(), d if tangent is None else tangent.detach() + d)
+
+        with fwAD.dual_level(), handled(self.model, cut):
+            out, u = fwAD.unpack_dual(forward_checked(self.model, x))
+            if at_head:
+                u = at_head[0]
+        if u is not None:
+            u = u.detach()
+            self._pending = {}
+            for name, d in tangents.items():
+                lead = lead_dims(u, d)
+                U, D = flat_features(u, lead), flat_features(d, lead)
+                self._pending[name] = U.t() @ D / U.shape[0]
+        return out, records
+
     def before_delivery(self, x, y, e, records) -> None:
-        if (self.steps - 1) % self.options.every == 0:
+        if self._pending is not None:
+            self.align(self._pending)
+            self._pending = None
+        elif self.options.estimator == "subbatch" and self.update_due():
             self.align(self.estimate(x))
 
     def alignment(self) -> dict[str, torch.Tensor]:

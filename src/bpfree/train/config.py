@@ -15,6 +15,7 @@ directory holds the resolved configuration, all defaults written out.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,8 @@ class RunOptions:
     checkpoint_every: int = option(0, "also checkpoint every N steps (0: at the end of each epoch only)")
     diagnostics_every: int = option(0, "alignment diagnostics on a fixed probe batch every N steps (0: off)")
     probe_size: int = option(256, "samples in the diagnostics probe batch")
+    amp: str = option("none", "mixed precision: bf16 or fp16 autocast around each step (fp16 adds gradient scaling)",
+                      choices=("none", "bf16", "fp16"))
 
     def check(self) -> None:
         for key in ("epochs", "batch_size", "eval_batch_size", "log_every", "probe_size"):
@@ -55,8 +58,17 @@ class RunOptions:
         for key in ("limit_train", "limit_test", "checkpoint_every", "diagnostics_every"):
             if getattr(self, key) < 0:
                 raise OptionError(f"option {key!r} must not be negative, got {getattr(self, key)}")
-        if self.lr <= 0:
-            raise OptionError(f"option 'lr' must be positive, got {self.lr}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise OptionError(f"option 'lr' must be a positive finite number, got {self.lr}")
+        if not (math.isfinite(self.momentum) and 0 <= self.momentum < 1):
+            raise OptionError(f"option 'momentum' must lie in [0, 1), got {self.momentum}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise OptionError(f"option 'weight_decay' must be a non-negative finite number, got {self.weight_decay}")
+        if not 0 <= self.seed < 2**63:
+            raise OptionError(f"option 'seed' must lie in [0, 2**63), got {self.seed}")
+        for key in ("method", "model", "dataset"):
+            if not getattr(self, key).strip():
+                raise OptionError(f"option {key!r} must name a {key}, got an empty string")
 
 
 @dataclass
@@ -116,7 +128,12 @@ def resolve(base: dict[str, dict[str, Any]] | None = None, sets: list[str] | tup
             raw["run"][key] = value
         else:
             later.append((key, value))
-    run = opts.build(RunOptions, raw["run"], what="the run")
+    for section, values in raw.items():
+        for key, value in values.items():
+            _check_plain(section, key, value)
+    for key, value in later:
+        _check_plain("", key, value)
+    run = _build(RunOptions, raw["run"], what="the run")
     classes = section_classes(run)
     valid = {s: {f.name for f in dataclasses.fields(c)} for s, c in classes.items()}
     sibling_keys = {f.name for m in sibling_methods for f in dataclasses.fields(methods.get(m).Options)}
@@ -143,9 +160,37 @@ def resolve(base: dict[str, dict[str, Any]] | None = None, sets: list[str] | tup
         if len(owners) > 1:
             raise OptionError(f"option {key!r} is ambiguous; write one of: {', '.join(f'{s}.{key}' for s in owners)}")
         raw[owners[0]][key] = value
-    built = {s: opts.build(classes[s], raw[s], what=f"{s} {getattr(run, s, '') if s != 'run' else ''}".strip())
+    built = {s: _build(classes[s], raw[s], what=f"{s} {getattr(run, s, '') if s != 'run' else ''}".strip())
              for s in ("model", "method", "data")}
     return RunConfig(run=run, **{s: opts.as_dict(v) for s, v in built.items()})
+
+
+def _build(cls: type, values: dict[str, Any], what: str) -> Any:
+    """:func:`bpfree.options.build`, with a value of the wrong kind (``None`` for a number, a list for
+    an integer) reported as an :class:`OptionError` that names its key."""
+    try:
+        return opts.build(cls, values, what=what)
+    except TypeError:
+        import typing
+
+        hints = typing.get_type_hints(cls)
+        for key, value in values.items():
+            if key in hints:
+                try:
+                    opts._convert(value, hints[key], key)
+                except TypeError:
+                    raise OptionError(f"option {key!r} ({what}) cannot take {value!r}") from None
+        raise
+
+
+def _check_plain(section: str, key: str, value: Any) -> None:
+    """Option values are scalars or lists of scalars; anything else (a TOML table...) is an error."""
+    items = value if isinstance(value, (list, tuple)) else [value]
+    for item in items:
+        if item is not None and not isinstance(item, (str, int, float, bool)):
+            where = f"{section}.{key}" if section else key
+            raise OptionError(f"option {where!r} takes a number, a string, a boolean or a list of them, "
+                              f"got {type(item).__name__} {item!r}")
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:

@@ -1,0 +1,196 @@
+"""Data parallel training (gloo, 2 processes on the CPU) against single-process references.
+
+Expected values come from what data parallelism is meant to compute:
+
+* the gradient of the mean loss over the global batch is the share-weighted sum of the shards'
+  mean-loss gradients, so BP and DFA on 2 processes end with the weights of one process on the
+  same global batches (to float rounding), also with an uneven last batch (203 samples: 6 + 5);
+* GrAPE's ranks average their Jacobian estimates, so after one step ``Jbar`` equals the mean of
+  the estimates that single-process GrAPE computes on each shard alone, and ``B_l`` is identical
+  on every rank; with the feedback update off (``eta=0, noise=0``) GrAPE is DFA with a fixed
+  ``B_l`` and ends with the single-process weights;
+* a checkpoint written by 2 processes resumes on 1 and ends where an uninterrupted run ends.
+
+All scenarios run in one spawn of two processes (one start-up of torch), a few seconds in all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import conftest  # noqa: F401  (registers blobs-test here and in the spawned workers)
+from bpfree import distributed
+from bpfree.distributed import Workers
+from bpfree.train.config import resolve
+from bpfree.train.loop import Run, TrainingError, resume
+
+WORLD = 2
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one intra-op thread is much faster than several competing for busy cores."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+def make_cfg(**over):
+    run = {"dataset": "blobs-test", "model": "mlp", "epochs": 2, "batch_size": 32, "limit_train": 203,
+           "limit_test": 64, "lr": 0.01, "log_every": 2}
+    sets = [f"{k}={v}" for k, v in over.items()]
+    return resolve({"run": run, "model": {"widths": [16, 16]}}, sets)
+
+
+SCENARIOS = {
+    "bp": dict(method="bp"),
+    "dfa": dict(method="dfa"),
+    "grape-fixed": dict(method="grape", eta=0.0, **{"method.noise": 0.0}),  # B_l never moves: DFA with GrAPE's machinery
+    "grape": dict(method="grape", eta=0.05),
+    "grape-one-step": dict(method="grape", epochs=1, limit_train=32),
+    "bp-part": dict(method="bp", checkpoint_every=3),  # stopped after 5 steps, resumed on 1 process
+}
+STOP_AFTER = 5
+
+
+def _worker(root: str) -> None:
+    """Each scenario on this rank; final model and method states saved per rank."""
+    workers = Workers.current()
+    assert workers.world == WORLD
+    root = Path(root)
+    for name, over in SCENARIOS.items():
+        run = Run(make_cfg(**over), root / name, progress=False)
+        if name.endswith("-part"):
+            real, calls = run.optimizer.step, [0]
+
+            def step(*a, real=real, calls=calls, **k):
+                calls[0] += 1
+                if calls[0] > STOP_AFTER:
+                    raise KeyboardInterrupt
+                return real(*a, **k)
+
+            run.optimizer.step = step
+            try:
+                run.fit()
+            except KeyboardInterrupt:
+                pass
+        else:
+            run.fit()
+        torch.save({"model": run.model.state_dict(), "method": run.method.state_dict()},
+                   root / f"{name}.rank{workers.rank}.pt")
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ddp")
+    distributed.spawn(WORLD, _worker, str(root))
+    return root
+
+
+def final(root: Path, name: str, rank: int) -> dict:
+    return torch.load(root / f"{name}.rank{rank}.pt", weights_only=False)
+
+
+def single(tmp_path, name: str) -> Run:
+    run = Run(make_cfg(**SCENARIOS[name]), tmp_path / name, progress=False)
+    run.fit()
+    return run
+
+
+def assert_same(a: dict, b: dict, **tol) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], msg=lambda m: f"{k}: {m}", **tol)
+
+
+@pytest.mark.parametrize("name", ["bp", "dfa", "grape-fixed"])
+def test_two_processes_end_with_the_single_process_weights(ddp_runs, tmp_path, name):
+    ref = single(tmp_path, name).model.state_dict()
+    for rank in range(WORLD):
+        assert_same(final(ddp_runs, name, rank)["model"], ref, rtol=0, atol=1e-5)
+    summary = json.loads((ddp_runs / name / "summary.json").read_text())
+    assert summary["processes"] == WORLD and summary["steps"] == 14  # 7 global batches per epoch
+
+
+def test_grape_feedback_and_weights_identical_on_every_rank(ddp_runs):
+    a, b = final(ddp_runs, "grape", 0), final(ddp_runs, "grape", 1)
+    assert_same(a["model"], b["model"], rtol=0, atol=0)
+    assert a["method"]["feedback"].keys() == {"3", "6"}
+    assert_same(a["method"]["feedback"], b["method"]["feedback"], rtol=0, atol=0)
+    assert_same(a["method"]["jacobian"]["mean"], b["method"]["jacobian"]["mean"], rtol=0, atol=0)
+    assert torch.equal(a["method"]["generator"], b["method"]["generator"])
+    B0 = final(ddp_runs, "grape-fixed", 0)["method"]["feedback"]
+    assert any(not torch.allclose(a["method"]["feedback"][k], B0[k]) for k in B0)  # B did move
+
+
+def test_grape_jacobian_estimate_is_the_mean_of_the_shard_estimates(ddp_runs, tmp_path):
+    """One step on 32 samples: Jbar on each rank = mean of single-process estimates on each half."""
+    cfg = make_cfg(**SCENARIOS["grape-one-step"])
+    run = Run(cfg, tmp_path / "ref", progress=False)
+    x, y = run.task.train_batch(cfg.run.seed, 0, 0, cfg.run.batch_size)
+    estimates = []
+    for rank in range(WORLD):  # a fresh single-process GrAPE (same seed) on the shard alone
+        shard = Run(cfg, tmp_path / f"shard{rank}", progress=False)
+        lo, hi = Workers(rank, WORLD).shard_range(len(x))
+        shard.method.step(x[lo:hi], y[lo:hi], shard.task.loss_fn)
+        estimates.append(shard.method.jacobian.mean)
+    expected = {k: sum(e[k] for e in estimates) / WORLD for k in estimates[0]}
+    for rank in range(WORLD):
+        got = final(ddp_runs, "grape-one-step", rank)["method"]["jacobian"]["mean"]
+        assert_same(got, expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(estimates[0]["3"], estimates[1]["3"])  # the shards did differ
+
+
+def test_checkpoint_of_two_processes_resumes_on_one(ddp_runs, tmp_path):
+    part = ddp_runs / "bp-part"
+    ck = torch.load(part / "checkpoint.pt", weights_only=False)
+    assert ck["state"]["global_step"] == 3 and ck["world_size"] == WORLD and len(ck["rng_ranks"]) == WORLD
+    summary = resume(part, progress=False)
+    assert summary["steps"] == 14 and summary["processes"] == 1
+    ref = single(tmp_path, "bp").model.state_dict()
+    resumed = torch.load(part / "checkpoint.pt", weights_only=False)["model"]
+    assert_same(resumed, ref, rtol=0, atol=1e-5)
+    lines = [json.loads(l) for l in (part / "metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines if l["kind"] == "step"] == [2, 4, 6, 7, 8, 10, 12, 14]
+
+
+def test_sharding_rules():
+    w = Workers(1, 3)
+    assert [Workers(r, 3).shard_range(10) for r in range(3)] == [(0, 4), (4, 7), (7, 10)]
+    x, y = torch.arange(10.0).view(10, 1), torch.arange(10)
+    xs, ys, weight, even = w.shard(x, y)
+    assert xs.view(-1).tolist() == [4, 5, 6] and weight == pytest.approx(0.3) and not even
+    with pytest.raises(distributed.DistributedError, match="batch_size 32 .* 3 processes"):
+        w.check_batch_size(32)
+    with pytest.raises(TrainingError, match="global batch and must divide evenly over the 3"):
+        Run(make_cfg(method="bp"), "unused", progress=False, workers=w)
+    one = Workers()
+    assert one.shard(x, y)[2:] == (1.0, True) and one.average(x) is x and one.on_root(lambda: 7) == 7
+
+
+@pytest.mark.slow
+def test_cli_nproc_spawns_two_processes(tmp_path):
+    """``bpfree train --nproc 2`` end to end (two more interpreter start-ups: the slow tier)."""
+    import subprocess
+
+    helper = Path(__file__).with_name("_blobs_cli.py")
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(helper), "train", "--method", "dfa", "--dataset", "blobs-test", "--epochs", "1",
+           "--batch-size", "32", "--limit-train", "128", "--limit-test", "64", "--set", "widths=16",
+           "--nproc", "2", "--out", str(out), "--no-progress"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "on 2 processes" in proc.stdout and proc.stdout.count("test accuracy") == 1
+    assert json.loads((out / "summary.json").read_text())["processes"] == 2
+    bad = subprocess.run(cmd[:-3] + ["--batch-size", "33", "--out", str(tmp_path / "bad")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert bad.returncode == 2 and "divide evenly over the 2 processes" in bad.stderr
+    assert bad.stderr.count("bpfree: error:") == 1

@@ -1,0 +1,129 @@
+"""GrAPE's estimator options and calibration, against independent computations."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import bpfree
+from bpfree.feedback.estimators import RunningJacobian, block_parameters, weight_perturbation_jacobians
+from bpfree.feedback.matrices import frobenius_cos
+from bpfree.metrics.jacobians import mean_jacobians
+from bpfree.options import OptionError
+
+
+def mlp(widths=(16, 16), seed=0):
+    torch.manual_seed(seed)
+    return bpfree.models.create("mlp", (12,), 5, widths=widths)
+
+
+def data(n=48, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 12, generator=g), torch.randint(0, 5, (n,), generator=g)
+
+
+def test_train_pass_estimator_leaves_the_dfa_gradients_unchanged():
+    model = mlp()
+    x, y = data()
+    a = bpfree.methods.create("grape", model, eta=0.0, noise=0.0)
+    b = bpfree.methods.create("grape", model, eta=0.0, noise=0.0, estimator="train-pass")
+    a.step(x, y, F.cross_entropy)
+    b.step(x, y, F.cross_entropy)
+    b.feedback = {k: v.clone() for k, v in a.feedback.items()}
+    model.zero_grad()
+    a.step(x, y, F.cross_entropy)
+    expected = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    b.step(x, y, F.cross_entropy)
+    for e, p in zip(expected, model.parameters()):
+        torch.testing.assert_close(p.grad, e, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("options", [dict(estimator="train-pass"), dict(points="each"), dict(average="ema", beta=0.9)])
+def test_estimator_variants_converge_to_the_exact_mean_jacobian(options):
+    model = mlp()
+    x, y = data()
+    exact = mean_jacobians(model, x)
+    grape = bpfree.methods.create("grape", model, eta=0.0, samples=48, **options)
+    for _ in range(150):
+        grape.step(x, y, F.cross_entropy)  # no optimizer step: the Jacobian stays fixed
+    cos = {k: float(frobenius_cos(grape.jacobian.mean[k], exact[k])) for k in exact}
+    threshold = 0.8 if options.get("average") == "ema" else 0.95  # ema keeps ~19 draws' worth
+    assert min(cos.values()) > threshold, cos
+
+
+def test_block_parameters_are_found_per_point():
+    model = mlp(widths=(4, 3))
+    names = {id(p): n for n, p in bpfree.feedback_points(model)}
+    blocks = block_parameters(model, torch.randn(2, 12), names)
+    assert blocks == {"3": ["1.weight", "1.bias"], "6": ["4.weight", "4.bias"]}
+
+
+def test_weight_perturbation_estimate_is_unbiased_where_the_jacobian_is_fixed():
+    # One hidden layer: J = dy/dh = W_out for every sample. E[u t^T] = J E[t t^T] with a diagonal
+    # E[t t^T] (rows of the weight tangent are independent), so the estimate's mean is W_out.
+    torch.manual_seed(0)
+    model = bpfree.models.create("mlp", (12,), 5, widths=(8,))
+    x, _ = data(32)
+    names = {id(p): n for n, p in bpfree.feedback_points(model)}
+    blocks = block_parameters(model, x, names)
+    g = torch.Generator().manual_seed(0)
+    avg = RunningJacobian()
+    for _ in range(3000):
+        avg.update(weight_perturbation_jacobians(model, x, names, blocks, g))
+    J = model[4].weight.detach()
+    assert float(frobenius_cos(avg.mean["3"], J)) > 0.98
+    assert float((avg.mean["3"] - J).norm() / J.norm()) < 0.2
+
+
+def test_weight_perturbation_through_the_method():
+    model = mlp()
+    x, y = data()
+    exact = mean_jacobians(model, x)
+    grape = bpfree.methods.create("grape", model, eta=0.0, samples=48, perturb="weight")
+    for _ in range(300):
+        grape.step(x, y, F.cross_entropy)
+    # the last hidden point's Jacobian is W_out for every sample: the weighted mean is exact there
+    assert float(frobenius_cos(grape.jacobian.mean["6"], exact["6"])) > 0.95
+
+
+@pytest.mark.parametrize("method", ["dfa", "grape"])
+def test_calibration_step_equals_a_bp_step(method):
+    model = mlp()
+    x, y = data()
+    bpfree.methods.create("bp", model).step(x, y, F.cross_entropy)
+    expected = [p.grad.clone() for p in model.parameters()]
+    m = bpfree.methods.create(method, model, calibrate_every=3)
+    calib = []
+    for _ in range(6):
+        model.zero_grad()
+        r = m.step(x, y, F.cross_entropy)
+        calib.append(r.metrics.get("calibration", 0.0))
+        if calib[-1]:
+            for e, p in zip(expected, model.parameters()):
+                torch.testing.assert_close(p.grad, e, rtol=0, atol=0)
+        else:
+            assert not torch.allclose(model[1].weight.grad, expected[0])
+    assert calib == [0, 0, 1, 0, 0, 1]
+
+
+def test_calibration_every_epochs():
+    model = mlp()
+    x, y = data()
+    m = bpfree.methods.create("dfa", model, calibrate_every=2, calibrate_unit="epochs")
+    seen = []
+    for epoch in (1, 2, 3, 4):
+        for _ in range(2):
+            seen.append(m.step(x, y, F.cross_entropy).metrics.get("calibration", 0.0))
+        m.on_epoch_end(epoch)
+    # the first step after epochs 2 and 4
+    assert seen == [0, 0, 0, 0, 1, 0, 0, 0]
+
+
+def test_option_combinations_are_checked():
+    with pytest.raises(OptionError, match="train-pass"):
+        bpfree.methods.create("grape", mlp(), estimator="train-pass", perturb="weight")
+    with pytest.raises(OptionError, match="samples"):
+        bpfree.methods.create("grape", mlp(), samples=0)
+    with pytest.raises(OptionError, match="calibrate_every"):
+        bpfree.methods.create("dfa", mlp(), calibrate_every=-1)
