@@ -1,4 +1,5 @@
-"""Data parallel training (gloo, 2 processes on the CPU) against single-process references.
+"""Scale: data parallel training (gloo, 2 processes on the CPU) against single-process references,
+and mixed precision (the CPU side of ``amp``).
 
 Expected values come from what data parallelism is meant to compute:
 
@@ -12,6 +13,11 @@ Expected values come from what data parallelism is meant to compute:
 * a checkpoint written by 2 processes resumes on 1 and ends where an uninterrupted run ends.
 
 All scenarios run in one spawn of two processes (one start-up of torch), a few seconds in all.
+
+Mixed precision: ``amp=bf16`` trains BP, DFA and GrAPE under ``torch.autocast`` (the step sees
+bf16 activations, the weights stay float32); ``amp=fp16`` scales the loss for methods that declare
+``supports_loss_scaling`` (test subclasses of BP, DFA and GrAPE here), logs the true loss, and
+checkpoints the scaler, so an fp16 run resumes bit-identically.
 """
 
 from __future__ import annotations
@@ -27,6 +33,11 @@ import torch
 import conftest  # noqa: F401  (registers blobs-test here and in the spawned workers)
 from bpfree import distributed
 from bpfree.distributed import Workers
+from bpfree.methods import register
+from bpfree.methods.base import StepResult
+from bpfree.methods.bp import BP
+from bpfree.methods.dfa import DFA
+from bpfree.methods.grape import GrAPE
 from bpfree.train.config import resolve
 from bpfree.train.loop import Run, TrainingError, resume
 
@@ -194,3 +205,92 @@ def test_cli_nproc_spawns_two_processes(tmp_path):
                          capture_output=True, text=True, env=env, timeout=300)
     assert bad.returncode == 2 and "divide evenly over the 2 processes" in bad.stderr
     assert bad.stderr.count("bpfree: error:") == 1
+
+
+# --------------------------------------------------------------------------- mixed precision (CPU side)
+
+@register
+class SeenBP(BP):
+    """BP that records the autocast state and the loss value it differentiates."""
+
+    name = "test-amp-bp"
+    supports_loss_scaling = True
+    seen: list = []
+
+    def step(self, x, y, loss_fn):
+        out = self.model(x)
+        loss = loss_fn(out, y)
+        SeenBP.seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"), out.dtype, float(loss.detach())))
+        loss.backward()
+        return StepResult(loss.detach(), out.detach())
+
+
+@register
+class ScaledDFA(DFA):
+    name = "test-amp-dfa"
+    supports_loss_scaling = True
+
+
+@register
+class ScaledGrAPE(GrAPE):
+    name = "test-amp-grape"
+    supports_loss_scaling = True
+
+
+def amp_cfg(method, amp, **over):
+    return make_cfg(method=method, amp=amp, limit_train=256, **over)
+
+
+@pytest.mark.parametrize("method", ["bp", "dfa", "grape"])
+def test_bf16_autocast_trains_every_core_method(tmp_path, method):
+    plain = Run(amp_cfg(method, "none"), tmp_path / "fp32", progress=False)
+    plain.fit()
+    run = Run(amp_cfg(method, "bf16"), tmp_path / "bf16", progress=False)
+    summary = run.fit()
+    assert summary["amp"] == "bf16" and summary["test_accuracy"] > 0.6
+    for k, v in run.model.state_dict().items():
+        assert v.dtype == torch.float32  # weights, grads and optimizer stay float32
+        assert torch.isfinite(v).all()
+        # bf16 rounding changed the trajectory (autocast was on), but not by much
+        torch.testing.assert_close(v, plain.model.state_dict()[k], rtol=0, atol=0.1)
+    assert any(not torch.equal(v, plain.model.state_dict()[k]) for k, v in run.model.state_dict().items())
+
+
+def test_autocast_wraps_the_step_and_fp16_scales_the_loss(tmp_path):
+    SeenBP.seen.clear()
+    Run(amp_cfg("test-amp-bp", "bf16", epochs=1), tmp_path / "bf16", progress=False).fit()
+    assert SeenBP.seen[0][:3] == (True, torch.bfloat16, torch.bfloat16)
+    SeenBP.seen.clear()
+    run = Run(amp_cfg("test-amp-bp", "fp16", epochs=1), tmp_path / "fp16", progress=False)
+    run.fit()
+    enabled, dtype, out_dtype, loss = SeenBP.seen[0]
+    assert (enabled, dtype, out_dtype) == (True, torch.float16, torch.float16)
+    assert loss > 1000  # the method saw the scaled loss (initial scale 2**16, loss ~1.4)...
+    first = json.loads((tmp_path / "fp16" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["loss"] < 5  # ...the log the true one
+    ck = torch.load(tmp_path / "fp16" / "checkpoint.pt", weights_only=False)
+    assert ck["scaler"]["scale"] > 0
+
+
+@pytest.mark.parametrize("method", ["test-amp-bp", "test-amp-dfa", "test-amp-grape"])
+def test_fp16_with_gradient_scaling_resumes_bit_identically(tmp_path, method):
+    c = amp_cfg(method, "fp16", checkpoint_every=3)
+    full = Run(c, tmp_path / "full", progress=False)
+    summary = full.fit()
+    assert summary["test_accuracy"] > 0.6
+    part = Run(c, tmp_path / "part", progress=False)
+    real, calls = part.optimizer.step, [0]
+
+    def step(*a, **k):
+        calls[0] += 1
+        if calls[0] > 10:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    part.optimizer.step = step
+    with pytest.raises(KeyboardInterrupt):
+        part.fit()
+    resume(tmp_path / "part", progress=False)
+    got = torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=False)
+    assert_same(got["model"], full.model.state_dict(), rtol=0, atol=0)
+    assert got["scaler"] == full.precision.state_dict()
