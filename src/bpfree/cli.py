@@ -96,8 +96,9 @@ def _spawn_if_asked(args) -> int | None:
         distributed.Workers(0, args.nproc).check_batch_size(cfg.run.batch_size)
     import torch.multiprocessing as mp
 
+    device = args.device or (cfgs[0].run.device if cfgs else None)
     try:
-        distributed.spawn(args.nproc, distributed._cli_worker, args.argv)
+        distributed.spawn(args.nproc, distributed._cli_worker, args.argv, device=device)
     except mp.ProcessExitedException as err:
         if err.exit_code is not None and err.exit_code > 0:
             return err.exit_code  # the process printed its own error
@@ -108,6 +109,18 @@ def _spawn_if_asked(args) -> int | None:
         print(f"bpfree: error: worker process {err.error_index} failed:\n{err}", file=sys.stderr)
         return 1
     return 0
+
+
+def _saved_device(run_dir: Path | None) -> str | None:
+    """The device in ``run_dir/config.toml`` (to pick the process group's backend), if readable."""
+    if run_dir is None:
+        return None
+    try:
+        from .train.config import load_toml
+
+        return str(load_toml(Path(run_dir) / "config.toml").get("run", {}).get("device", "auto"))
+    except (OptionError, OSError):
+        return None
 
 
 def cmd_train(args) -> int:
@@ -124,13 +137,16 @@ def cmd_train(args) -> int:
             flags = ", ".join("--" + k.replace("_", "-") for k in given)
             raise OptionError(f"--resume continues {args.resume} with its saved configuration; drop {flags} "
                               f"(only --device, --nproc, --data-dir and --no-progress go with it)")
-    with distributed.from_environment() as workers:
+        device = args.device or _saved_device(args.resume)
+    else:
+        cfg = _config(args, args.method)
+        device = cfg.run.device
+    with distributed.from_environment(device) as workers:
         if args.resume:
             summary = resume(args.resume, data_dir=args.data_dir, progress=not args.no_progress,
                              device=args.device, workers=workers)
             out = args.resume
         else:
-            cfg = _config(args, args.method)
             out = workers.broadcast(args.out or _default_out(cfg))
             summary = train(cfg, out, data_dir=args.data_dir, progress=not args.no_progress, workers=workers,
                             overwrite=args.overwrite)
@@ -174,7 +190,7 @@ def cmd_compare(args) -> int:
         methods.get(m)  # fail before any training on an unknown name
     cfgs = [_config(args, m, tuple(n for n in names if n != m)) for m in names]
     r = cfgs[0].run
-    with distributed.from_environment() as workers:
+    with distributed.from_environment(r.device) as workers:
         out = workers.broadcast(
             args.out or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-compare-{r.model}-{r.dataset}")
         summaries = []

@@ -295,19 +295,27 @@ def env_world_size() -> int:
         raise DistributedError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not a number") from None
 
 
-def backend() -> str:
-    """gloo for CPU tensors, plus NCCL for CUDA tensors where CUDA and NCCL are present."""
-    if torch.cuda.is_available() and dist.is_nccl_available():
+def uses_cuda(device: str | None) -> bool:
+    """Whether a run on ``device`` (``None`` or ``"auto"``: CUDA when present) computes on CUDA."""
+    if device in (None, "auto"):
+        return torch.cuda.is_available()
+    return str(device).startswith("cuda")
+
+
+def backend(device: str | None = None) -> str:
+    """gloo for a CPU run; gloo for CPU tensors plus NCCL for CUDA tensors for a CUDA run."""
+    if uses_cuda(device) and torch.cuda.is_available() and dist.is_nccl_available():
         return "cpu:gloo,cuda:nccl"
     return "gloo"
 
 
 @contextlib.contextmanager
-def from_environment() -> Iterator[Workers]:
+def from_environment(device: str | None = None) -> Iterator[Workers]:
     """Join the process group described by ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT``.
 
     What torchrun (and :func:`spawn`) set. Without them, or with ``WORLD_SIZE=1``, or when a group
-    is already initialised, nothing is set up (and nothing torn down).
+    is already initialised, nothing is set up (and nothing torn down). ``device``: the run's device
+    option; a CUDA run gets NCCL for its CUDA tensors and ``cuda:LOCAL_RANK`` as current device.
     """
     world = env_world_size()
     if world <= 1 or (dist.is_available() and dist.is_initialized()):
@@ -319,9 +327,13 @@ def from_environment() -> Iterator[Workers]:
     if missing:
         raise DistributedError(f"WORLD_SIZE={world} but {', '.join(missing)} not set: launch with torchrun or --nproc")
     local_rank = int(os.environ.get("LOCAL_RANK", os.environ["RANK"]))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank % torch.cuda.device_count())
-    dist.init_process_group(backend=backend(), init_method="env://")
+    chosen = backend(device)
+    if "nccl" in chosen:
+        if local_rank >= torch.cuda.device_count():
+            raise DistributedError(f"process LOCAL_RANK={local_rank} has no GPU: this machine has "
+                                   f"{torch.cuda.device_count()}; start at most that many processes per machine")
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend=chosen, init_method="env://")
     try:
         yield Workers.current()
     finally:
@@ -335,31 +347,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _spawned(rank: int, nproc: int, port: int, fn: Callable[..., Any], args: tuple) -> None:
+def _spawned(rank: int, nproc: int, port: int, device: str | None, fn: Callable[..., Any], args: tuple) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // nproc))
-    with from_environment():
+    with from_environment(device):
         fn(*args)
 
 
-def spawn(nproc: int, fn: Callable[..., Any], *args: Any) -> None:
+def spawn(nproc: int, fn: Callable[..., Any], *args: Any, device: str | None = "cpu") -> None:
     """Run ``fn(*args)`` in ``nproc`` new processes joined in one process group on this machine.
 
-    ``fn`` must be importable by name (a module-level function). Raises
-    ``torch.multiprocessing.ProcessExitedException`` / ``ProcessRaisedException`` when a process fails
-    (the others are stopped).
+    ``fn`` must be importable by name (a module-level function); ``device`` picks the backend
+    (:func:`backend`). Raises ``torch.multiprocessing.ProcessExitedException`` /
+    ``ProcessRaisedException`` when a process fails (the others are stopped).
     """
     if nproc < 1:
         raise DistributedError(f"--nproc must be at least 1, got {nproc}")
-    torch.multiprocessing.spawn(_spawned, args=(nproc, free_port(), fn, args), nprocs=nproc, join=True)
+    torch.multiprocessing.spawn(_spawned, args=(nproc, free_port(), device, fn, args), nprocs=nproc, join=True)
 
 
 def _cli_worker(argv: list[str]) -> None:
     from .cli import main
 
-    rc = main(argv)
+    rc = main(argv)  # joins the group already set up here (from_environment is a no-op then)
     sys.stdout.flush()
     sys.stderr.flush()
     if rc:

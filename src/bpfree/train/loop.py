@@ -86,7 +86,10 @@ def resolve_device(name: str, workers: Workers | None = None) -> torch.device:
             if dev.index is not None:
                 raise TrainingError(f"with {workers.world} processes each uses cuda:LOCAL_RANK; "
                                     f"give device cuda (or auto), not {name!r}")
-            dev = torch.device("cuda", workers.local_rank % torch.cuda.device_count())
+            if workers.local_rank >= torch.cuda.device_count():
+                raise TrainingError(f"process LOCAL_RANK={workers.local_rank} has no GPU of its own: this machine "
+                                    f"has {torch.cuda.device_count()}; start at most that many processes per machine")
+            dev = torch.device("cuda", workers.local_rank)
         elif dev.index is not None and dev.index >= torch.cuda.device_count():
             raise TrainingError(f"device {name!r} was asked for, but this machine has "
                                 f"{torch.cuda.device_count()} CUDA device(s)")
