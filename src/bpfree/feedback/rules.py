@@ -89,7 +89,7 @@ def renormalise(B: torch.Tensor, kind: str, norm0: float) -> torch.Tensor:
     """``B`` rescaled to Frobenius norm ``norm0`` (``frobenius``), rows of norm
     ``norm0 / sqrt(n)`` (``rows``), or unchanged (``none``)."""
     if kind == "frobenius":
-        return B * (norm0 / float(B.norm().clamp_min(EPS)))
+        return B * (norm0 / B.norm().clamp_min(EPS))  # stays on the device: no synchronisation
     if kind == "rows":
         target = norm0 / math.sqrt(B.shape[0])
         return B * (target / B.norm(dim=1, keepdim=True).clamp_min(EPS))

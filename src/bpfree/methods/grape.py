@@ -166,11 +166,6 @@ class GrAPE(DirectFeedback):
             if name in self.jacobian.mean
         }
 
-    def step_metrics(self) -> dict[str, torch.Tensor]:
-        """``b_jbar_cos``: mean over points of the Frobenius cosine of ``B_l`` with ``Jbar_l^T``."""
-        cos = self.alignment()
-        return {"b_jbar_cos": torch.stack(list(cos.values())).mean()} if cos else {}
-
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         state.update(jacobian=self.jacobian.state_dict(), norm0=dict(self.norm0))
