@@ -39,5 +39,5 @@ def blobs():
     return make_blobs(64, seed=3)
 
 
-def pytest_collection_modifyitems(config, items):
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+# The fast tier's tensors are tiny: one thread avoids thread start-up and contention costs.
+torch.set_num_threads(1)

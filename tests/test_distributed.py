@@ -71,6 +71,12 @@ SCENARIOS = {
 STOP_AFTER = 5
 
 
+def library_methods() -> list[str]:
+    from bpfree import methods
+
+    return [m for m in methods.available() if not m.startswith("test-")]
+
+
 def _worker(root: str) -> None:
     """Each scenario on this rank; final model and method states saved per rank."""
     workers = Workers.current()
@@ -96,6 +102,12 @@ def _worker(root: str) -> None:
             run.fit()
         torch.save({"model": run.model.state_dict(), "method": run.method.state_dict()},
                    root / f"{name}.rank{workers.rank}.pt")
+    for method in library_methods():  # every method trains under data parallelism
+        run = Run(make_cfg(method=method, epochs=1, limit_train=96, log_every=1), root / f"all-{method}",
+                  progress=False)
+        run.fit()
+        torch.save({"model": run.model.state_dict(), "method": distributed.state_checksum(run.method.state_dict())},
+                   root / f"all-{method}.rank{workers.rank}.pt")
 
 
 @pytest.fixture(scope="module")
@@ -139,6 +151,15 @@ def test_grape_feedback_and_weights_identical_on_every_rank(ddp_runs):
     assert torch.equal(a["method"]["generator"], b["method"]["generator"])
     B0 = final(ddp_runs, "grape-fixed", 0)["method"]["feedback"]
     assert any(not torch.allclose(a["method"]["feedback"][k], B0[k]) for k in B0)  # B did move
+
+
+@pytest.mark.parametrize("method", library_methods())
+def test_every_method_trains_with_identical_weights_on_every_rank(ddp_runs, method):
+    a, b = final(ddp_runs, f"all-{method}", 0), final(ddp_runs, f"all-{method}", 1)
+    assert_same(a["model"], b["model"], rtol=0, atol=0)
+    assert torch.equal(a["method"], b["method"])  # method state in step after the final checkpoint
+    summary = json.loads((ddp_runs / f"all-{method}" / "summary.json").read_text())
+    assert summary["processes"] == WORLD and summary["steps"] == 3
 
 
 def test_grape_jacobian_estimate_is_the_mean_of_the_shard_estimates(ddp_runs, tmp_path):

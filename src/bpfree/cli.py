@@ -213,10 +213,13 @@ def cmd_compare(args) -> int:
 
 
 def cmd_data(args) -> int:
-    from .data import fetch
+    from .data import TEXT_DATASETS, fetch, fetch_text
 
     for name in args.names:
-        path = fetch(name, args.data_dir, source=args.source, progress=True)
+        if name in TEXT_DATASETS:
+            path = fetch_text(name, args.data_dir, source=args.source)
+        else:
+            path = fetch(name, args.data_dir, source=args.source, progress=True)
         print(f"{name}: verified in {path}")
     return 0
 

@@ -24,14 +24,47 @@ from .matrices import flat_features, lead_dims
 
 @contextlib.contextmanager
 def preserved_buffers(model: nn.Module) -> Iterator[None]:
-    """Restore every buffer of ``model`` (BatchNorm running statistics...) on exit."""
-    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    """Leave every buffer of ``model`` as it was after the block, without writing to unchanged ones.
+
+    Norm layers that track running statistics in training mode stop tracking them for the block
+    (they still normalise with the batch statistics, as in training); any other buffer a module
+    changes is copied back. Buffers nobody touched are not written to, so an autograd graph built
+    before the block (which saved BatchNorm's running statistics) stays valid for ``backward``.
+    """
+    norms = [m for m in model.modules()
+             if isinstance(m, nn.modules.batchnorm._NormBase) and m.training and m.track_running_stats]
+    saved = [(b, b._version, b.detach().clone()) for b in model.buffers()]
+    for m in norms:
+        m.track_running_stats = False
     try:
         yield
     finally:
+        for m in norms:
+            m.track_running_stats = True
         with torch.no_grad():
-            for b, v in saved:
-                b.copy_(v)
+            for b, version, value in saved:
+                if b._version != version:
+                    b.copy_(value)
+
+
+class _HeadReached(Exception):
+    """Raised at the Head in forward-mode estimate passes: nothing after it is needed."""
+
+    def __init__(self, tangent: torch.Tensor | None) -> None:
+        super().__init__()
+        self.tangent = tangent
+
+
+def _output_tangent(model: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """Run ``model(x)`` (handlers installed) and return the tangent at the Head or at the output.
+
+    With a Head the pass stops there, so the head (e.g. a vocabulary projection) is never run.
+    """
+    try:
+        y = model(x)
+    except _HeadReached as stop:
+        return stop.tangent
+    return fwAD.unpack_dual(y).tangent
 
 
 def sample_jacobians(
@@ -49,12 +82,10 @@ def sample_jacobians(
     :class:`Head` marker, ``u`` is the tangent at the head's input ``z`` and ``o`` its width.
     """
     tangents: dict[str, torch.Tensor] = {}
-    at_head: list[torch.Tensor | None] = []
 
     def inject(point: FeedbackPoint, h: torch.Tensor) -> torch.Tensor:
         if isinstance(point, Head):
-            at_head.append(fwAD.unpack_dual(h).tangent)
-            return h
+            raise _HeadReached(fwAD.unpack_dual(h).tangent)
         name = names[id(point)]
         if only is not None and name != only:
             return h
@@ -64,8 +95,7 @@ def sample_jacobians(
         return fwAD.make_dual(primal, d if tangent is None else tangent + d)
 
     with torch.no_grad(), fwAD.dual_level(), handled(model, inject), preserved_buffers(model):
-        y = model(x)
-        u = at_head[0] if at_head else fwAD.unpack_dual(y).tangent
+        u = _output_tangent(model, x)
     if u is None:
         raise RuntimeError("the model output does not depend on any feedback point")
     out = {}
@@ -172,12 +202,11 @@ def weight_perturbation_jacobians(
         if not owned:
             continue
         at_point: list[torch.Tensor] = []
-        at_head: list[torch.Tensor | None] = []
 
         def watch(point: FeedbackPoint, h: torch.Tensor, name=name) -> torch.Tensor:
             if isinstance(point, Head):
-                at_head.append(fwAD.unpack_dual(h).tangent)
-            elif names[id(point)] == name:
+                raise _HeadReached(fwAD.unpack_dual(h).tangent)
+            if names[id(point)] == name:
                 at_point.append(fwAD.unpack_dual(h).tangent)
             return h
 
@@ -186,8 +215,10 @@ def weight_perturbation_jacobians(
                 k: fwAD.make_dual(p, torch.randn(p.shape, generator=generator, device=p.device, dtype=p.dtype))
                 for k, p in params.items() if k in owned
             }
-            y = functional_call(model, dual, (x,), strict=False)
-            u = at_head[0] if at_head else fwAD.unpack_dual(y).tangent
+            try:
+                u = fwAD.unpack_dual(functional_call(model, dual, (x,), strict=False)).tangent
+            except _HeadReached as stop:
+                u = stop.tangent
         t = at_point[0]
         lead = lead_dims(u, t)
         U, T = flat_features(u, lead), flat_features(t, lead)

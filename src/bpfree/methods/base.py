@@ -123,13 +123,33 @@ def check_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
         raise ValueError(f"x is on device {x.device} but y is on device {y.device}; put both on the model's device")
 
 
-def _loss_error(err: Exception, out: Any, y: Any) -> ValueError:
+class BatchError(ValueError):
+    """A batch ``(x, y)`` the model or the loss cannot take; the message names shapes and dtypes.
+
+    Raised as :class:`BatchIndexError` or :class:`BatchRuntimeError` when torch raised an
+    ``IndexError`` or ``RuntimeError``, so code that caught those still does.
+    """
+
+
+class BatchIndexError(BatchError, IndexError):
+    pass
+
+
+class BatchRuntimeError(BatchError, RuntimeError):
+    pass
+
+
+def _batch_error(err: Exception, text: str) -> BatchError:
+    return (BatchIndexError if isinstance(err, IndexError) else BatchRuntimeError)(text)
+
+
+def _loss_error(err: Exception, out: Any, y: Any) -> BatchError:
     shape = lambda t: f"{tuple(t.shape)} ({t.dtype})" if isinstance(t, torch.Tensor) else type(t).__name__
     msg = str(err).strip().splitlines()[0].rstrip(".") if str(err).strip() else type(err).__name__
     hint = ""
     if isinstance(out, torch.Tensor) and isinstance(y, torch.Tensor) and out.dim() >= 1 and "out of bounds" in msg:
         hint = f"; class labels must lie in [0, {out.shape[-1]})"
-    return ValueError(f"the loss cannot take the model output {shape(out)} with targets {shape(y)}: {msg}{hint}")
+    return _batch_error(err, f"the loss cannot take the model output {shape(out)} with targets {shape(y)}: {msg}{hint}")
 
 
 def checked_loss(loss_fn: LossFn) -> LossFn:
@@ -147,7 +167,7 @@ def checked_loss(loss_fn: LossFn) -> LossFn:
     def checked(out, y, *args, **kwargs):
         try:
             return loss_fn(out, y, *args, **kwargs)
-        except torch.OutOfMemoryError:
+        except (torch.OutOfMemoryError, BatchError):
             raise
         except (RuntimeError, IndexError) as err:
             raise _loss_error(err, out, y) from err
@@ -169,7 +189,9 @@ def _guarded(step: Callable) -> Callable:
         try:
             return step(self, x, y, checked_loss(loss_fn), *args, **kwargs)
         except IndexError as err:
-            raise ValueError(
+            if isinstance(err, BatchError):
+                raise
+            raise _batch_error(err,
                 f"method {self.name!r} cannot take x of shape {tuple(x.shape)} ({x.dtype}) with y of shape "
                 f"{tuple(y.shape)}: {str(err).splitlines()[0] if str(err) else 'IndexError'}"
             ) from err
@@ -184,8 +206,9 @@ def forward_checked(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return model(x)
     except (RuntimeError, IndexError) as err:
         msg = str(err)
-        if "shape" in msg or "size" in msg or "mat1" in msg or "dimension" in msg.lower() or "dtype" in msg:
-            raise ValueError(
+        if (isinstance(err, IndexError) or "shape" in msg or "size" in msg or "mat1" in msg or "dimension" in msg
+                or "dtype" in msg):
+            raise (BatchIndexError if isinstance(err, IndexError) else BatchError)(
                 f"the model cannot take input of shape {tuple(x.shape)} (dtype {x.dtype}): {msg.splitlines()[0]}"
             ) from err
         raise

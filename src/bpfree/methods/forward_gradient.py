@@ -29,31 +29,6 @@ from .dfa import DirectFeedback
 from .fa import method_generator
 
 
-@contextlib.contextmanager
-def untouched_buffers(model: nn.Module):
-    """Leave every buffer of ``model`` as it was after the block, without writing to unchanged ones.
-
-    Norm layers that track running statistics in training mode stop tracking them for the block
-    (they still normalise with the batch statistics, as in training); any other buffer a module
-    changes is copied back. Buffers nobody touched are not written to, so an autograd graph built
-    before the block (which saved BatchNorm's running statistics) stays valid for ``backward``.
-    """
-    norms = [m for m in model.modules()
-             if isinstance(m, nn.modules.batchnorm._NormBase) and m.training and m.track_running_stats]
-    saved = [(b, b._version, b.detach().clone()) for b in model.buffers()]
-    for m in norms:
-        m.track_running_stats = False
-    try:
-        yield
-    finally:
-        for m in norms:
-            m.track_running_stats = True
-        with torch.no_grad():
-            for b, version, value in saved:
-                if b._version != version:
-                    b.copy_(value)
-
-
 def _check_samples(samples: int) -> None:
     if samples < 1:
         raise OptionError(f"option 'samples' must be at least 1, got {samples}")
@@ -203,7 +178,7 @@ class ForwardGradientActivity(DirectFeedback):
                     primal, tangent = fwAD.unpack_dual(h)
                     return fwAD.make_dual(primal, d if tangent is None else tangent + d)
 
-                with torch.no_grad(), fwAD.dual_level(), handled(self.model, inject), untouched_buffers(self.model):
+                with torch.no_grad(), fwAD.dual_level(), handled(self.model, inject), preserved_buffers(self.model):
                     out = forward_checked(self.model, x)
                     u = at_head[0] if at_head else fwAD.unpack_dual(out).tangent
                     u = None if u is None else u.clone()

@@ -436,21 +436,25 @@ class Run:
         tensors += [b for b in self.model.buffers() if b.is_floating_point()]
         W.all_reduce_weighted(tensors, weight)
 
-    def _sync_method_state(self) -> None:
-        """Make the method's state rank 0's if it differs anywhere (one fingerprint gather)."""
+    def _sync_method_state(self, expected: bool = False) -> None:
+        """Make the method's state rank 0's if it differs anywhere (one fingerprint gather).
+
+        ``expected``: after an uneven batch, where shards of different sizes may consume a method's
+        random generator differently; otherwise a difference is worth a warning (once).
+        """
         W = self.workers
         if not W.active:
             return
         sums = W.gather_tensor(state_checksum(self.method.state_dict()).to(self.device))
         if all(bool(s == sums[0]) for s in sums):
             return
-        if not self._state_warned and W.is_root:
+        if not expected and not self._state_warned and W.is_root:
             warnings.warn(
                 f"method {self.method.name!r} keeps state that differs across the {W.world} processes (batch "
                 f"statistics not passed through average_across_workers); rank 0's state is broadcast at every "
                 f"checkpoint and after uneven batches", RuntimeWarning,
             )
-        self._state_warned = True
+            self._state_warned = True
         state = W.broadcast(self.method.state_dict() if W.is_root else None)
         if not W.is_root:
             self.method.load_state_dict(to_device(state, self.device))
@@ -523,7 +527,7 @@ class Run:
                 if W.active:
                     self._reduce_gradients(weight)
                     if not even:
-                        self._sync_method_state()
+                        self._sync_method_state(expected=True)
                 self.precision.step(self.optimizer)
                 st["batch"] = b + 1
                 st["global_step"] += 1
