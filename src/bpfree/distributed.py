@@ -26,10 +26,13 @@ way unchanged, because the loop works on ``.grad`` and never asks which method r
   method that keeps batch statistics of its own passes them through it (GrAPE's Jacobian
   estimates: each rank estimates on its own shard's sub-batch, the estimates are averaged, so
   ``Jbar`` and hence every ``B_l`` stay identical on all ranks; the estimate pools
-  ``W x samples`` inputs instead of ``samples``). After an uneven last batch, and at every
-  checkpoint, rank 0's method state is broadcast, so state that a method does not average
-  (a random generator consumed by batch-size-dependent draws, a feedback matrix learnt from
-  shard statistics) cannot drift apart silently (a warning names the method when it had).
+  ``W x samples`` inputs instead of ``samples``). At every checkpoint and after an uneven last
+  batch the ranks compare a fingerprint of the method's state and, where it differs, take rank
+  0's: after an uneven batch that is expected (shards of different sizes draw different numbers
+  of tangents from the method's generator); at a checkpoint it means the method keeps shard
+  statistics it does not average (DKP's feedback matrices, today), and a warning names it.
+  Such a method still trains (its weights stay identical on all ranks, since gradients are
+  averaged), but its state between checkpoints is each rank's own.
 * **Rank 0 writes.** ``config.toml``, ``metrics.jsonl``, ``checkpoint.pt`` and ``summary.json``
   are written by rank 0 alone; logged losses and epoch metrics are reduced over all ranks
   (they describe the global batch). Evaluation runs on rank 0 and its result is broadcast;
@@ -46,8 +49,14 @@ the same message instead of waiting forever.
 Launching: ``torchrun --nproc_per_node W -m bpfree.cli train ...`` (the CLI joins the group
 that torchrun describes in the environment), or ``bpfree train --nproc W ...``, which spawns
 the ``W`` processes itself on this machine (:func:`spawn`, a free port on 127.0.0.1). Backends:
-gloo for CPU tensors, NCCL for CUDA tensors (``cpu:gloo,cuda:nccl`` when CUDA is present); on
-CUDA each process uses ``cuda:LOCAL_RANK``.
+gloo for a CPU run; ``cpu:gloo,cuda:nccl`` for a CUDA run, where each process uses
+``cuda:LOCAL_RANK`` (at most one process per GPU).
+
+What equals what: BP and DFA on ``W`` processes end with the weights of one process on the same
+global batches, to float rounding (``tests/test_distributed.py`` checks ``atol=1e-5``). GrAPE
+keeps ``B_l`` identical on every rank, but its estimate pools the ranks' sub-batches, so its
+feedback matrices (hence weights) follow another trajectory than one process's; with the
+feedback update off (``eta=0, noise=0``) it, too, ends with the single-process weights.
 """
 
 from __future__ import annotations
