@@ -40,7 +40,7 @@ def test_train_pass_estimator_leaves_the_dfa_gradients_unchanged():
         torch.testing.assert_close(p.grad, e, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("options", [dict(estimator="train-pass"), dict(points="each"), dict(average="ema", beta=0.9)])
+@pytest.mark.parametrize("options", [dict(estimator="train-pass"), dict(points="each"), dict(average="ema", beta=0.9), dict(tangents="central")])
 def test_estimator_variants_converge_to_the_exact_mean_jacobian(options):
     model = mlp()
     x, y = data()

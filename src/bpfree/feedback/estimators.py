@@ -224,3 +224,43 @@ def weight_perturbation_jacobians(
         U, T = flat_features(u, lead), flat_features(t, lead)
         out[name] = (U.t() @ T / U.shape[0]) / (T * T).mean(0).clamp_min(1e-12)
     return out
+
+
+def central_difference_jacobians(
+    model: nn.Module,
+    x: torch.Tensor,
+    names: dict[int, str],
+    generator: torch.Generator,
+    step: float = 1e-2,
+) -> dict[str, torch.Tensor]:
+    """The activity-perturbation estimate with ``u`` from one fused primal pass, no forward AD.
+
+    The sub-batch ``x`` (``(k, ...)``) is run twice in one batch, ``[x; x]``; every point adds
+    ``+step * d_l`` to the first copy's ``h_l`` and ``-step * d_l`` to the second's, so
+    ``u = (y_+ - y_-) / (2 step) = sum_l J_l d_l + O(step^2)`` (central difference), and
+    ``J~_l = mean_i u_i d_{l,i}^T`` as in :func:`sample_jacobians`. One plain forward pass over
+    ``2k`` inputs replaces the forward-mode pass, whose per-layer cost on CPU is several matrix
+    products (PyTorch's forward-mode ``addmm`` also multiplies the weights' zero tangents).
+    """
+    k = x.shape[0]
+    tangents: dict[str, torch.Tensor] = {}
+
+    def perturb(point: FeedbackPoint, h: torch.Tensor) -> torch.Tensor:
+        if isinstance(point, Head):
+            raise _HeadReached(h)
+        d = torch.randn((k,) + tuple(h.shape[1:]), generator=generator, device=h.device, dtype=h.dtype)
+        tangents[names[id(point)]] = d
+        return h + step * torch.cat([d, -d])
+
+    with torch.no_grad(), handled(model, perturb), preserved_buffers(model):
+        try:
+            y = model(torch.cat([x, x]))
+        except _HeadReached as stop:
+            y = stop.tangent  # the Head's input, carried by the exception
+    u = (y[:k] - y[k:]) / (2 * step)
+    out = {}
+    for name, d in tangents.items():
+        lead = lead_dims(u, d)
+        U, D = flat_features(u, lead), flat_features(d, lead)
+        out[name] = U.t() @ D / U.shape[0]
+    return out

@@ -10,7 +10,13 @@ from torch import nn
 
 import torch.autograd.forward_ad as fwAD
 
-from ..feedback.estimators import RunningJacobian, block_parameters, sample_jacobians, weight_perturbation_jacobians
+from ..feedback.estimators import (
+    RunningJacobian,
+    block_parameters,
+    central_difference_jacobians,
+    sample_jacobians,
+    weight_perturbation_jacobians,
+)
 from ..feedback.matrices import flat_features, frobenius_cos, lead_dims
 from ..points import FeedbackPoint, Head, handled
 from ..feedback.rules import RENORMS, RULES, update_feedback
@@ -53,6 +59,8 @@ class GrAPE(DirectFeedback):
         every: int = option(1, "update the estimate and B every this many steps")
         points: str = option("joint", "perturb all points in one forward-mode pass, or each point in its own pass", choices=("joint", "each"))
         estimator: str = option("subbatch", "subbatch: a separate forward-mode pass over `samples` inputs; train-pass: tangents ride along the training forward pass over the whole batch", choices=("subbatch", "train-pass"))
+        tangents: str = option("forward", "how the sub-batch estimate pushes tangents: forward-mode AD, or a central difference of one fused primal pass over [x; x] (activity, joint, subbatch only)", choices=("forward", "central"))
+        fd_step: float = option(1e-2, "perturbation size of the central difference (tangents=central)")
         perturb: str = option("activity", "perturb activities at the points, or the weights of each block (one pass per block)", choices=("activity", "weight"))
 
         def check(self) -> None:
@@ -65,6 +73,8 @@ class GrAPE(DirectFeedback):
                 raise OptionError(f"option 'beta' must lie in [0, 1), got {self.beta}")
             if self.eta < 0:
                 raise OptionError(f"option 'eta' must be non-negative, got {self.eta}")
+            if self.tangents == "central" and (self.estimator != "subbatch" or self.perturb != "activity" or self.points != "joint"):
+                raise OptionError("tangents=central works with estimator=subbatch, perturb=activity, points=joint")
             if self.estimator == "train-pass" and (self.perturb != "activity" or self.points != "joint"):
                 raise OptionError("estimator=train-pass perturbs activities at all points jointly; "
                                   "use it with perturb=activity and points=joint")
@@ -88,6 +98,8 @@ class GrAPE(DirectFeedback):
             if self._blocks is None:
                 self._blocks = block_parameters(self.model, xs, self.names)
             return weight_perturbation_jacobians(self.model, xs, self.names, self._blocks, g)
+        if self.options.tangents == "central":
+            return central_difference_jacobians(self.model, xs, self.names, g, self.options.fd_step)
         if self.options.points == "joint":
             return sample_jacobians(self.model, xs, self.names, g)
         out: dict[str, torch.Tensor] = {}
