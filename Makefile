@@ -24,7 +24,7 @@ data: install
 # The main job: BP, DFA and GrAPE on MNIST with the demo MLP, one epoch each, and their table.
 demo: install
 	$(BPFREE) data fetch mnist
-	$(BPFREE) compare --methods bp,dfa,grape --config experiments/demo.toml --out runs/demo
+	$(BPFREE) compare --methods bp,dfa,grape --config experiments/demo.toml --out runs/demo --overwrite
 
 # The fast tier (slow tests are deselected in pyproject.toml).
 test: install

@@ -258,10 +258,14 @@ def cmd_list(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    import torch
+
     from .bench import bench, configs, table
     from .train.config import load_toml
 
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if args.threads:
+        torch.set_num_threads(args.threads)
     base = load_toml(args.config) if args.config else {}
     cfgs = configs(names, base, args.set, _overrides(args))
     rows = bench(cfgs, repeats=args.repeats, warmup=args.warmup, memory=not args.no_memory,
@@ -324,6 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=5, help="untimed steps per method first")
     p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     _run_flags(p)
     p.set_defaults(func=cmd_bench)
 

@@ -79,12 +79,12 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError
             return int(value) if not isinstance(value, str) else int(value.strip())
-        except ValueError:
+        except (TypeError, ValueError, OverflowError):
             raise OptionError(f"option {key!r} takes an integer, got {value!r}") from None
     if tp is float:
         try:
             return float(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise OptionError(f"option {key!r} takes a number, got {value!r}") from None
     if tp is str:
         return str(value)

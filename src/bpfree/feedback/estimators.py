@@ -47,6 +47,18 @@ def preserved_buffers(model: nn.Module) -> Iterator[None]:
                     b.copy_(value)
 
 
+def outer_mean(u: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """``mean_i u_i d_i^T`` in float32 (also under autocast): ``(o, n_l)`` from ``u`` and ``d``.
+
+    ``u``: ``(batch, o)`` or ``(batch, T, o)``; ``d`` shaped like the point's ``h``; for sequences
+    the mean runs over samples and tokens.
+    """
+    lead = lead_dims(u, d)
+    U, D = flat_features(u, lead).float(), flat_features(d, lead).float()
+    with torch.autocast(device_type=U.device.type, enabled=False):
+        return U.t() @ D / U.shape[0]
+
+
 class _HeadReached(Exception):
     """Raised at the Head in forward-mode estimate passes: nothing after it is needed."""
 
@@ -98,12 +110,7 @@ def sample_jacobians(
         u = _output_tangent(model, x)
     if u is None:
         raise RuntimeError("the model output does not depend on any feedback point")
-    out = {}
-    for name, d in tangents.items():
-        lead = lead_dims(u, d)
-        U, D = flat_features(u, lead), flat_features(d, lead)
-        out[name] = U.t() @ D / U.shape[0]
-    return out
+    return {name: outer_mean(u, d) for name, d in tangents.items()}
 
 
 class RunningJacobian:
@@ -220,9 +227,8 @@ def weight_perturbation_jacobians(
             except _HeadReached as stop:
                 u = stop.tangent
         t = at_point[0]
-        lead = lead_dims(u, t)
-        U, T = flat_features(u, lead), flat_features(t, lead)
-        out[name] = (U.t() @ T / U.shape[0]) / (T * T).mean(0).clamp_min(1e-12)
+        T = flat_features(t, lead_dims(u, t)).float()
+        out[name] = outer_mean(u, t) / (T * T).mean(0).clamp_min(1e-12)
     return out
 
 
@@ -258,9 +264,4 @@ def central_difference_jacobians(
         except _HeadReached as stop:
             y = stop.tangent  # the Head's input, carried by the exception
     u = (y[:k] - y[k:]) / (2 * step)
-    out = {}
-    for name, d in tangents.items():
-        lead = lead_dims(u, d)
-        U, D = flat_features(u, lead), flat_features(d, lead)
-        out[name] = U.t() @ D / U.shape[0]
-    return out
+    return {name: outer_mean(u, d) for name, d in tangents.items()}

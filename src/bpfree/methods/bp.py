@@ -17,6 +17,7 @@ class BP(Method):
     """
 
     name = "bp"
+    supports_loss_scaling = True
     summary = "end-to-end backpropagation (the reference)"
 
     def step(self, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) -> StepResult:

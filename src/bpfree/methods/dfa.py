@@ -236,4 +236,5 @@ class DFA(DirectFeedback):
     """
 
     name = "dfa"
+    supports_loss_scaling = True
     summary = "direct feedback alignment: fixed random B_l e at every feedback point"

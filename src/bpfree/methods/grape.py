@@ -14,10 +14,11 @@ from ..feedback.estimators import (
     RunningJacobian,
     block_parameters,
     central_difference_jacobians,
+    outer_mean,
     sample_jacobians,
     weight_perturbation_jacobians,
 )
-from ..feedback.matrices import flat_features, frobenius_cos, lead_dims
+from ..feedback.matrices import frobenius_cos
 from ..points import FeedbackPoint, Head, handled
 from ..feedback.rules import RENORMS, RULES, update_feedback
 from ..options import OptionError, option
@@ -45,6 +46,7 @@ class GrAPE(DirectFeedback):
     """
 
     name = "grape"
+    supports_loss_scaling = True
     summary = "DFA with B_l aligned to forward-gradient Jacobian estimates (GrAPE)"
 
     @dataclass
@@ -156,11 +158,7 @@ class GrAPE(DirectFeedback):
                 u = at_head[0]
         if u is not None:
             u = u.detach()
-            self._pending = {}
-            for name, d in tangents.items():
-                lead = lead_dims(u, d)
-                U, D = flat_features(u, lead), flat_features(d, lead)
-                self._pending[name] = U.t() @ D / U.shape[0]
+            self._pending = {name: outer_mean(u, d) for name, d in tangents.items()}
         return out, records
 
     def before_delivery(self, x, y, e, records) -> None:
