@@ -32,15 +32,7 @@ SHAPES = [(1, 28, 28), (3, 32, 32)]
 NUM_POINTS = {"cnn": 3, "alexnet": 7, "vgg16": 15, "resnet20": 9, "resnet56": 27}
 HAS_BN = {"cnn": False, "alexnet": True, "vgg16": True, "resnet20": True, "resnet56": True}
 
-# GrAPE's Jacobian estimate (feedback/estimators.py: sample_jacobians) runs a train-mode forward
-# pass between the DFA forward and the backward, and restores the BatchNorm buffers in place;
-# the version counters of running_mean/var, saved by the DFA forward's batch_norm node, then no
-# longer match and backward raises. Fix (shared file, see the issue report): run the estimate with
-# torch.func.functional_call on cloned buffers instead of preserved_buffers.
-GRAPE_BN_BUG = pytest.mark.xfail(
-    raises=RuntimeError, strict=True,
-    reason="GrAPE step on a BatchNorm model: the estimate modifies BN buffers saved for backward "
-           "(fix in feedback/estimators.py pending; remove this marker with the fix)")
+
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -258,8 +250,7 @@ def _method_cases():
     cases = []
     for name in sorted(TINY):
         for method in ("bp", "dfa", "grape"):
-            marks = [GRAPE_BN_BUG] if method == "grape" and HAS_BN[name] else []
-            cases.append(pytest.param(name, method, marks=marks, id=f"{name}-{method}"))
+            cases.append(pytest.param(name, method, id=f"{name}-{method}"))
     return cases
 
 
@@ -293,7 +284,6 @@ def test_grape_estimate_leaves_batchnorm_statistics_alone():
         assert torch.equal(value, before[key]), key
 
 
-@GRAPE_BN_BUG
 def test_grape_step_moves_batchnorm_statistics_exactly_as_one_dfa_step():
     # the estimate must not add a second update of the running statistics
     torch.manual_seed(0)
@@ -388,9 +378,7 @@ def _cli_cases():
     cases = []
     for name in ("cnn", "alexnet", "vgg16", "resnet20", "resnet56"):
         for method in ("bp", "dfa", "grape"):
-            marks = [pytest.mark.xfail(strict=True, reason=GRAPE_BN_BUG.kwargs["reason"])] \
-                if method == "grape" and HAS_BN[name] else []
-            cases.append(pytest.param(name, method, marks=marks, id=f"{name}-{method}"))
+            cases.append(pytest.param(name, method, id=f"{name}-{method}"))
     return cases
 
 
