@@ -6,8 +6,6 @@ registers a builder with an ``Options`` dataclass, so options are validated and 
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -15,6 +13,7 @@ from typing import Any
 from torch import nn
 
 from .. import options as opts
+from ..registry import Registry
 
 
 @dataclass(frozen=True)
@@ -25,39 +24,25 @@ class ModelSpec:
     build: Callable[..., nn.Module]
 
 
-_REGISTRY: dict[str, ModelSpec] = {}
-_loaded = False
+_REGISTRY: Registry[ModelSpec] = Registry("model", __name__, __path__)
 
 
 def register(name: str, summary: str, options: type):
-    """Decorator for ``build(input_shape, num_classes, opts) -> nn.Module``."""
+    """Decorator: register a builder under ``name`` with its options dataclass."""
 
     def deco(fn):
-        _REGISTRY[name] = ModelSpec(name, summary, options, fn)
+        _REGISTRY.add(name, ModelSpec(name, summary, options, fn))
         return fn
 
     return deco
 
 
-def _load_all() -> None:
-    global _loaded
-    if not _loaded:
-        for info in pkgutil.iter_modules(__path__):
-            importlib.import_module(f"{__name__}.{info.name}")
-        _loaded = True
-
-
 def available() -> list[str]:
-    _load_all()
-    return sorted(_REGISTRY)
+    return _REGISTRY.available()
 
 
 def get(name: str) -> ModelSpec:
-    _load_all()
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"unknown model {name!r}; available: {', '.join(sorted(_REGISTRY))}") from None
+    return _REGISTRY.get(name)
 
 
 def create(name: str, input_shape: tuple[int, ...], num_classes: int, **options: Any) -> nn.Module:

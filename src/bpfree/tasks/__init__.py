@@ -10,8 +10,6 @@ a run resumed from a checkpoint sees exactly the batches an uninterrupted run wo
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +18,7 @@ from typing import Any
 import torch
 
 from .. import options as opts
+from ..registry import Registry
 
 
 class Task:
@@ -74,39 +73,25 @@ class TaskSpec:
     load: Callable[..., Task]
 
 
-_REGISTRY: dict[str, TaskSpec] = {}
-_loaded = False
+_REGISTRY: Registry[TaskSpec] = Registry("dataset", __name__, __path__)
 
 
 def register(name: str, summary: str, options: type):
-    """Decorator for ``load(options, data_dir, limit_train, limit_test) -> Task``."""
+    """Decorator: register a builder under ``name`` with its options dataclass."""
 
     def deco(fn):
-        _REGISTRY[name] = TaskSpec(name, summary, options, fn)
+        _REGISTRY.add(name, TaskSpec(name, summary, options, fn))
         return fn
 
     return deco
 
 
-def _load_all() -> None:
-    global _loaded
-    if not _loaded:
-        for info in pkgutil.iter_modules(__path__):
-            importlib.import_module(f"{__name__}.{info.name}")
-        _loaded = True
-
-
 def available() -> list[str]:
-    _load_all()
-    return sorted(_REGISTRY)
+    return _REGISTRY.available()
 
 
 def get(name: str) -> TaskSpec:
-    _load_all()
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"unknown dataset {name!r}; available: {', '.join(sorted(_REGISTRY))}") from None
+    return _REGISTRY.get(name)
 
 
 def load(name: str, options: dict[str, Any] | None = None, data_dir: Path | None = None,
