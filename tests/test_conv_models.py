@@ -33,8 +33,6 @@ NUM_POINTS = {"cnn": 3, "alexnet": 7, "vgg16": 15, "resnet20": 9, "resnet56": 27
 HAS_BN = {"cnn": False, "alexnet": True, "vgg16": True, "resnet20": True, "resnet56": True}
 
 
-
-
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """Tiny models gain nothing from intra-op threads, and lose a lot when the cores are shared."""
