@@ -213,10 +213,12 @@ def cmd_compare(args) -> int:
 
 
 def cmd_data(args) -> int:
-    from .data import TEXT_DATASETS, fetch, fetch_text
+    from .data import CIFAR, TEXT_DATASETS, fetch, fetch_cifar, fetch_text
 
     for name in args.names:
-        if name in TEXT_DATASETS:
+        if name in CIFAR:
+            path = fetch_cifar(name, args.data_dir, source=args.source)
+        elif name in TEXT_DATASETS:
             path = fetch_text(name, args.data_dir, source=args.source)
         else:
             path = fetch(name, args.data_dir, source=args.source, progress=True)
