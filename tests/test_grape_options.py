@@ -40,7 +40,8 @@ def test_train_pass_estimator_leaves_the_dfa_gradients_unchanged():
         torch.testing.assert_close(p.grad, e, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("options", [dict(estimator="train-pass"), dict(points="each"), dict(average="ema", beta=0.9), dict(tangents="central")])
+@pytest.mark.parametrize("options", [dict(estimator="train-pass"), dict(points="each"), dict(average="ema", beta=0.9), dict(tangents="central"),
+                                     dict(tangents="onesided"), dict(tangents="forward")])
 def test_estimator_variants_converge_to_the_exact_mean_jacobian(options):
     model = mlp()
     x, y = data()
@@ -51,6 +52,77 @@ def test_estimator_variants_converge_to_the_exact_mean_jacobian(options):
     cos = {k: float(frobenius_cos(grape.jacobian.mean[k], exact[k])) for k in exact}
     threshold = 0.8 if options.get("average") == "ema" else 0.95  # ema keeps ~19 draws' worth
     assert min(cos.values()) > threshold, cos
+
+
+@pytest.mark.parametrize("scheme", ["central", "onesided"])
+def test_difference_schemes_equal_forward_mode_on_a_linear_net(scheme):
+    # With identity blocks y is affine in every h_l, so y(h + s d) - y(h) = s J d exactly: the
+    # difference estimates equal the forward-mode estimate drawn with the same tangents (the
+    # three estimators draw d_l of shape (k, n_l) point by point from the same generator).
+    from bpfree.feedback.estimators import (central_difference_jacobians, onesided_difference_jacobians,
+                                            sample_jacobians)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 9), bpfree.FeedbackPoint(), nn.Linear(9, 7), bpfree.FeedbackPoint(),
+                          nn.Linear(7, 5)).double()
+    x = torch.randn(6, 12, dtype=torch.float64)
+    names = {id(p): n for n, p in bpfree.feedback_points(model)}
+    want = sample_jacobians(model, x, names, torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    if scheme == "central":
+        got = central_difference_jacobians(model, x, names, g, step=0.5)
+    else:
+        with torch.no_grad():
+            got = onesided_difference_jacobians(model, x, names, g, model(x), step=0.5)
+    assert want.keys() == got.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6)  # outer_mean is float32
+
+
+def test_onesided_error_is_first_order_in_the_step_on_a_curved_net():
+    # On a tanh net u_onesided - J d = (step / 2) d^T H d + O(step^2): halving the step halves the
+    # deviation from the forward-mode estimate (same tangents), while central falls 4-fold.
+    from bpfree.feedback.estimators import (central_difference_jacobians, onesided_difference_jacobians,
+                                            sample_jacobians)
+
+    model = mlp().double()
+    x = data(8)[0].double()
+    names = {id(p): n for n, p in bpfree.feedback_points(model)}
+    want = sample_jacobians(model, x, names, torch.Generator().manual_seed(3))
+
+    def err(fn, step):
+        got = fn(torch.Generator().manual_seed(3), step)
+        return sum(float((got[k] - want[k]).norm()) for k in want)
+
+    with torch.no_grad():
+        ref = model(x)
+    one = lambda g, s: onesided_difference_jacobians(model, x, names, g, ref, s)
+    cen = lambda g, s: central_difference_jacobians(model, x, names, g, s)
+    assert err(one, 1e-2) / err(one, 5e-3) == pytest.approx(2.0, rel=0.05)
+    assert err(cen, 1e-2) / err(cen, 5e-3) == pytest.approx(4.0, rel=0.05)
+
+
+def test_auto_tangents_pick_the_cheapest_valid_scheme():
+    plain = bpfree.methods.create("grape", mlp())
+    assert plain.tangent_scheme(torch.device("cpu")) == "onesided"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert plain.tangent_scheme(torch.device("cpu")) == "forward"
+    for layer in (nn.BatchNorm1d(16), nn.Dropout(0.1)):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(12, 16), layer, nn.Tanh(), bpfree.FeedbackPoint(), nn.Linear(16, 5))
+        assert bpfree.methods.create("grape", model).tangent_scheme(torch.device("cpu")) == "central"
+        model.eval()  # BatchNorm with running statistics, dropout off: per-sample again
+        assert bpfree.methods.create("grape", model).tangent_scheme(torch.device("cpu")) == "onesided"
+    for options in (dict(estimator="train-pass"), dict(perturb="weight"), dict(points="each")):
+        assert bpfree.methods.create("grape", mlp(), **options).tangent_scheme(torch.device("cpu")) == "forward"
+
+
+def test_onesided_under_autocast_is_refused():
+    model = mlp()
+    x, y = data()
+    grape = bpfree.methods.create("grape", model, tangents="onesided")
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(RuntimeError, match="autocast"):
+        grape.step(x, y, F.cross_entropy)
 
 
 def test_block_parameters_are_found_per_point():

@@ -1,21 +1,26 @@
 """Benchmark harness: step time and peak memory of methods, measured the same way for all.
 
 Step time: every method gets its own copy of the model (same initial weights), optimizer and
-the same real batches. After ``warmup`` steps each, ``repeats`` rounds run one step of every
-method in turn (alternating, so drifts in machine load hit all methods alike); a step is
-``zero_grad + method.step + optimizer.step`` (CUDA is synchronised around it). Reported: the
-median over repeats and its ratio to BP's median measured in the same process.
+the same real batches. After ``warmup`` steps each, ``repeats`` rounds run ``group`` consecutive
+steps of every method in turn (alternating, so drifts in machine load hit all methods alike); a
+step is ``zero_grad + method.step + optimizer.step`` (CUDA is synchronised around it) and one
+sample is the mean step time of the group. ``group`` defaults to the longest ``method.period``
+(capped at 10), so a method that does extra work every K-th step (GrAPE's ``every``) is timed
+over whole periods instead of a bimodal mix of cheap and dear steps. Reported: the median over
+repeats and its ratio to BP's median measured in the same process.
 
 Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` over ``mem_steps`` steps. On CPU, each
 method runs in a fresh subprocess (Linux) and the figure is the growth of its peak resident set
 size (``VmHWM``, reset through ``/proc/self/clear_refs`` once the model and one batch are in
 memory and the rest of the data is freed): the memory training adds (optimizer state, feedback
-matrices, estimates, activations, allocator slack).
+matrices, estimates, activations). The child runs with a fixed malloc mmap threshold, so freed
+tensors leave the resident set at once and repeated measurements agree to 0.1 MB.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -68,24 +73,30 @@ def load_task(cfg: RunConfig, device):
     return tasks.load(r.dataset, cfg.data, None, max(r.batch_size * 4, r.limit_train), r.batch_size).to(device)
 
 
-def time_methods(cfgs: list[RunConfig], repeats: int = 20, warmup: int = 5, progress: bool = True) -> dict[str, list[float]]:
-    """Per-step seconds of every config's method, ``repeats`` samples each, alternating."""
+def time_methods(cfgs: list[RunConfig], repeats: int = 20, warmup: int = 5, progress: bool = True,
+                 group: int | None = None) -> dict[str, list[float]]:
+    """Per-step seconds of every config's method, ``repeats`` samples each (each the mean over
+    ``group`` consecutive steps; default: the longest method period, at most 10), alternating."""
     device = resolve_device(cfgs[0].run.device)
     task = load_task(cfgs[0], device)
     contenders = [build(c, task, device) for c in cfgs]
     B = cfgs[0].run.batch_size
     nb = task.num_batches(B)
     batches = [task.train_batch(0, 0, i % nb, B) for i in range(4)]
+    if group is None:
+        group = min(10, max(getattr(c.method, "period", 1) for c in contenders))
+    if group < 1:
+        raise ValueError(f"group must be at least 1, got {group}")
     for c in contenders:
-        for i in range(warmup):
+        for i in range(max(warmup, 1) * group):
             one_step(c, task, *batches[i % len(batches)], device)
     times: dict[str, list[float]] = {c.name: [] for c in contenders}
     from tqdm.auto import tqdm
 
     for r in tqdm(range(repeats), desc="bench", disable=not progress, leave=False):
-        x, y = batches[r % len(batches)]
         for c in contenders:
-            times[c.name].append(one_step(c, task, x, y, device))
+            total = sum(one_step(c, task, *batches[(r * group + i) % len(batches)], device) for i in range(group))
+            times[c.name].append(total / group)
     return times
 
 
@@ -104,7 +115,11 @@ def peak_memory_mb(cfg: RunConfig, steps: int = 3) -> float:
         return (torch.cuda.max_memory_allocated(device) - base) / 2**20
     payload = json.dumps({"config": cfg.to_dict(), "steps": steps})
     code = "import sys, bpfree.bench as b; b._memory_child(sys.argv[1])"
-    res = subprocess.run([sys.executable, "-c", code, payload], capture_output=True, text=True, check=False)
+    # glibc's malloc raises its mmap threshold as large blocks are freed and then keeps freed
+    # memory in the heap; a fixed threshold returns every large tensor to the system when freed,
+    # so the high-water mark is the peak of live memory, the same on every run.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    res = subprocess.run([sys.executable, "-c", code, payload], capture_output=True, text=True, check=False, env=env)
     if res.returncode != 0:
         raise RuntimeError(f"memory measurement of {cfg.run.method} failed: {res.stderr.strip().splitlines()[-1:]}")
     return float(res.stdout.strip().splitlines()[-1])
@@ -124,11 +139,18 @@ def _memory_child(payload: str) -> None:
     cfg = resolve(spec["config"])
     device = torch.device("cpu")
     task = load_task(cfg, device)
-    c = build(cfg, task, device)
     x, y = (t.clone() for t in task.train_batch(0, 0, 0, cfg.run.batch_size))
     for key, value in list(vars(task).items()):  # free the dataset, keep what the loss needs
         if isinstance(value, torch.Tensor) and value.numel() > 4 * x.numel():
             setattr(task, key, None)
+    # A throwaway copy runs the same steps first, so that code pages of the kernels, lazily built
+    # tables and the like are resident before the measurement and do not count as the method's.
+    warm = build(cfg, task, device)
+    for _ in range(spec["steps"]):
+        one_step(warm, task, x, y, device)
+    del warm
+    gc.collect()
+    c = build(cfg, task, device)
     gc.collect()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak resident set size (VmHWM) to the current one
@@ -138,10 +160,11 @@ def _memory_child(payload: str) -> None:
     print((_status_kib("VmHWM") - base) / 1024.0)
 
 
-def bench(cfgs: list[RunConfig], repeats: int = 20, warmup: int = 5, memory: bool = True, progress: bool = True) -> list[dict]:
+def bench(cfgs: list[RunConfig], repeats: int = 20, warmup: int = 5, memory: bool = True, progress: bool = True,
+          group: int | None = None) -> list[dict]:
     """Rows ``{method, median_ms, p25_ms, p75_ms, ratio_to_bp, peak_mem_mb}`` (ratio to the first
-    method when ``bp`` is not among them)."""
-    times = time_methods(cfgs, repeats, warmup, progress)
+    method when ``bp`` is not among them); ``group``: see :func:`time_methods`."""
+    times = time_methods(cfgs, repeats, warmup, progress, group)
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     ref = med.get("bp", next(iter(med.values())))
     rows = []

@@ -1,4 +1,4 @@
-"""The ``bpfree`` command: train, compare, fetch data, list what is available.
+"""The ``bpfree`` command: train, compare, fetch data, list what is available, run experiments.
 
 Run ``bpfree COMMAND --help`` for each command's flags.
 """
@@ -288,6 +288,39 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_experiment_list(args) -> int:
+    from . import experiment
+
+    found = experiment.discover()
+    if not found:
+        print(f"no experiments in {experiment.experiments_dir()}/ (TOML files with a 'kind' key)")
+        return 0
+    print(f"Experiments in {experiment.experiments_dir()}/ (bpfree experiment run NAME [--scale quick|full]):")
+    for name, path in found.items():
+        spec = experiment.load_spec(path)
+        print(f"  {name} [{spec.kind}; {', '.join(spec.questions) or '-'}]: {spec.title}")
+        for scale in spec.scales:
+            jobs, seeds = experiment.plan(spec, scale)
+            print(f"      {scale}: {seeds} seed(s), {len(jobs)} runs")
+    return 0
+
+
+def cmd_experiment_run(args) -> int:
+    from . import experiment
+
+    spec = experiment.find(args.name)
+    experiment.run(spec, args.scale, seeds=args.seeds, out=args.out, dry_run=args.dry_run,
+                   progress=not args.no_progress, data_dir=args.data_dir)
+    return 0
+
+
+def cmd_experiment_docs(args) -> int:
+    from .experiment import docs
+
+    print(f"written to {docs.write(args.results, args.out)}")
+    return 0
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors in bpfree's format (exit code 2, as argparse's)."""
 
@@ -338,6 +371,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", help="run directories (or a compare directory's runs)")
     p.add_argument("--out", type=Path, help="PNG file (default RUN/report.png for one run, else ./report.png)")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("experiment", help="run the experiments of experiments/*.toml into tables and plots",
+                       description="Experiments are the TOML files with a 'kind' in ./experiments (or "
+                                   "$BPFREE_EXPERIMENTS); results go to results/NAME/SCALE/.")
+    esub = p.add_subparsers(dest="action", required=True)
+    e = esub.add_parser("list", help="experiments with their kind, questions and runs per scale")
+    e.set_defaults(func=cmd_experiment_list)
+    e = esub.add_parser("run", help="run an experiment (finished runs are kept, interrupted ones resumed)")
+    e.add_argument("name", help="experiment name (bpfree experiment list)")
+    e.add_argument("--scale", choices=("quick", "full"), default="quick", help="scale (default quick)")
+    e.add_argument("--seeds", type=int, help="seeds per run (default: the scale's)")
+    e.add_argument("--out", type=Path, default=Path("results"), help="results root (default results/)")
+    e.add_argument("--dry-run", action="store_true", help="list the runs and which are done; train nothing")
+    e.add_argument("--no-progress", action="store_true", help="no progress bar")
+    e.add_argument("--data-dir", type=Path, help="dataset cache (default $BPFREE_DATA or ~/.cache/bpfree)")
+    e.set_defaults(func=cmd_experiment_run)
+    e = esub.add_parser("docs", help="write docs/results.md from the results folders")
+    e.add_argument("--out", type=Path, default=Path("docs/results.md"), help="Markdown file (default docs/results.md)")
+    e.add_argument("--results", type=Path, default=Path("results"), help="results root (default results/)")
+    e.set_defaults(func=cmd_experiment_docs)
 
     p = sub.add_parser("list", help="methods, models, datasets and their options")
     p.add_argument("what", nargs="?", default="all", choices=("all", "methods", "models", "datasets", "run"))

@@ -232,6 +232,48 @@ def weight_perturbation_jacobians(
     return out
 
 
+def per_sample_forward(model: nn.Module) -> bool:
+    """Whether, as far as its modules show, each sample's output depends on that sample alone and
+    deterministically: no BatchNorm using batch statistics, no active dropout (training mode).
+
+    Functional dropout or batch coupling inside a custom ``forward`` cannot be seen here.
+    """
+    for m in model.modules():
+        if m.training and isinstance(m, nn.modules.batchnorm._BatchNorm):
+            return False
+        if m.training and isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0:
+            return False
+    return True
+
+
+def _perturbed_pass(model: nn.Module, x: torch.Tensor, names: dict[int, str], generator: torch.Generator,
+                    signs: tuple[float, ...]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One primal pass over ``len(signs)`` stacked copies of ``x`` (``(k, ...)``); copy ``j`` gets
+    ``signs[j] * d_l`` added at every point, ``d_l ~ N(0, I)`` of shape ``(k, ...)``.
+
+    Returns the output (or the Head's input) of all copies, ``(len(signs) * k, ...)``, and the
+    ``d_l`` per point. No autograd, no autocast (float32 differences), buffers left as they were.
+    """
+    k = x.shape[0]
+    tangents: dict[str, torch.Tensor] = {}
+
+    def perturb(point: FeedbackPoint, h: torch.Tensor) -> torch.Tensor:
+        if isinstance(point, Head):
+            raise _HeadReached(h)
+        d = torch.randn((k,) + tuple(h.shape[1:]), generator=generator, device=h.device, dtype=h.dtype)
+        tangents[names[id(point)]] = d
+        return h + torch.cat([s * d for s in signs])
+
+    batch = torch.cat([x] * len(signs)) if len(signs) > 1 else x
+    with torch.no_grad(), torch.autocast(device_type=x.device.type, enabled=False), \
+            handled(model, perturb), preserved_buffers(model):
+        try:
+            y = model(batch)
+        except _HeadReached as stop:
+            y = stop.tangent  # the Head's input, carried by the exception
+    return y.float(), tangents
+
+
 def central_difference_jacobians(
     model: nn.Module,
     x: torch.Tensor,
@@ -249,19 +291,29 @@ def central_difference_jacobians(
     products (PyTorch's forward-mode ``addmm`` also multiplies the weights' zero tangents).
     """
     k = x.shape[0]
-    tangents: dict[str, torch.Tensor] = {}
-
-    def perturb(point: FeedbackPoint, h: torch.Tensor) -> torch.Tensor:
-        if isinstance(point, Head):
-            raise _HeadReached(h)
-        d = torch.randn((k,) + tuple(h.shape[1:]), generator=generator, device=h.device, dtype=h.dtype)
-        tangents[names[id(point)]] = d
-        return h + step * torch.cat([d, -d])
-
-    with torch.no_grad(), handled(model, perturb), preserved_buffers(model):
-        try:
-            y = model(torch.cat([x, x]))
-        except _HeadReached as stop:
-            y = stop.tangent  # the Head's input, carried by the exception
+    y, tangents = _perturbed_pass(model, x, names, generator, (step, -step))
     u = (y[:k] - y[k:]) / (2 * step)
+    return {name: outer_mean(u, d) for name, d in tangents.items()}
+
+
+def onesided_difference_jacobians(
+    model: nn.Module,
+    x: torch.Tensor,
+    names: dict[int, str],
+    generator: torch.Generator,
+    reference: torch.Tensor,
+    step: float = 1e-2,
+) -> dict[str, torch.Tensor]:
+    """The activity-perturbation estimate from one primal pass over ``x`` alone, against ``reference``.
+
+    ``reference``: the unperturbed output (or Head input) for ``x`` (``(k, ...)``), e.g. the first
+    ``k`` rows the training forward pass already computed. Every point adds ``step * d_l``;
+    ``u = (y_+ - reference) / step = sum_l J_l d_l + (step / 2) sum d^T H d + O(step^2)``.
+    The second-order term is even in ``d``, so its product with ``d_l^T`` has mean zero: like the
+    central difference, ``J~_l = mean_i u_i d_{l,i}^T`` is unbiased up to ``O(step^2)``, at half
+    the rows. Valid only when each sample's output depends on that sample alone and
+    deterministically (:func:`per_sample_forward`), or the reference does not match the pass.
+    """
+    y, tangents = _perturbed_pass(model, x, names, generator, (step,))
+    u = (y - reference.float()) / step
     return {name: outer_mean(u, d) for name, d in tangents.items()}

@@ -86,6 +86,15 @@ class Method:
     def on_epoch_end(self, epoch: int) -> None:
         """Called by the training loop after each epoch (epochs count from 1)."""
 
+    @property
+    def period(self) -> int:
+        """Steps after which the method's per-step work repeats (1: every step costs the same).
+
+        A method that does extra work every K-th step says K, so that a benchmark times whole
+        periods rather than a mix of cheap and dear steps.
+        """
+        return 1
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 

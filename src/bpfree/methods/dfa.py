@@ -134,18 +134,23 @@ class DirectFeedback(Method):
         return project(self.feedback[name], e.to(self.feedback[name].dtype), h).to(h.dtype)
 
     def deliver(self, e: torch.Tensor, records, y: torch.Tensor) -> None:
-        """One ``autograd.backward`` call: ``(y, e)`` (or ``(z, e)``) and ``(h_l, signal_l)`` per point."""
-        tensors, grads = [], []
+        """Send ``(y, e)`` (or ``(z, e)``) and ``(h_l, signal_l)`` into the graph, last block first.
+
+        The blocks' graphs are disjoint (cut at every point), so one ``autograd.backward`` call per
+        block gives the same gradients as a single batched call; block by block, each signal is made
+        just before its block's backward and that block's activations are freed right after (the
+        entries of ``records`` are consumed), so peak memory stays at BP's: a batched call would
+        hold every signal, every block's intermediate gradients and every ``h_l`` at once.
+        """
         target = self._error_at
+        self._error_at = None
         if target.requires_grad:
-            tensors.append(target)
-            grads.append(e.to(target.dtype))
-        for name, h in records:
+            torch.autograd.backward(target, e.to(target.dtype))
+        del target
+        while records:
+            name, h = records.pop()
             if h.requires_grad:
-                tensors.append(h)
-                grads.append(self.signal(name, e, h, y))
-        if tensors:
-            torch.autograd.backward(tensors, grads)
+                torch.autograd.backward(h, self.signal(name, e, h, y))
 
     def calibration_due(self) -> bool:
         """Whether this step is a calibration step (``calibrate_every`` steps, or after epochs)."""

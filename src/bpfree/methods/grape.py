@@ -14,7 +14,9 @@ from ..feedback.estimators import (
     RunningJacobian,
     block_parameters,
     central_difference_jacobians,
+    onesided_difference_jacobians,
     outer_mean,
+    per_sample_forward,
     sample_jacobians,
     weight_perturbation_jacobians,
 )
@@ -33,8 +35,9 @@ class GrAPE(DirectFeedback):
 
     Each step (every ``every`` steps), before the DFA weight update:
 
-    1. estimate ``J~_l`` (``(o, n_l)``) for every point with one forward-mode pass over the first
-       ``samples`` inputs of the batch, tangents ``d_l ~ N(0, I)`` injected at the points
+    1. estimate ``J~_l = mean_i u_i d_{l,i}^T`` (``(o, n_l)``) for every point from one pass over
+       the first ``samples`` inputs of the batch, tangents ``d_l ~ N(0, I)`` injected at the points,
+       ``u = sum_l J_l d_l`` by forward-mode AD or a finite difference (``tangents``)
        (activity perturbation; ``points="each"`` perturbs one point per pass);
     2. ``Jbar_l`` <- running average of the estimates (``average``: cumulative or ema);
     3. ``B_l`` <- ``rule(B_l, Jbar_l^T, eta)``, then noise and renormalisation
@@ -55,14 +58,21 @@ class GrAPE(DirectFeedback):
         eta: float = option(1e-3, "feedback learning rate eta_B")
         noise: float | None = option(None, "Gaussian noise added to B per update, relative to rms(B_0); default: the rule's (rescale 1e-3, others 0)")
         renorm: str = option("auto", "renormalisation after the update; auto: the rule's (rescale/alt1/alt2 frobenius, cosine rows, regress none)", choices=("auto",) + RENORMS)
-        samples: int = option(16, "inputs per batch that carry tangents (the JVP sub-batch)")
+        samples: int = option(32, "inputs per estimate that carry tangents (the sub-batch)")
         average: str = option("cumulative", "moving average of the Jacobian estimate", choices=("cumulative", "ema"))
         beta: float = option(0.99, "decay of the exponential moving average (average=ema)")
-        every: int = option(1, "update the estimate and B every this many steps")
+        every: int = option(2, "update the estimate and B every this many steps (the estimate pass reads every "
+                                  "weight once, so 32 samples every 2 steps cost about half of 16 every step)")
         points: str = option("joint", "perturb all points in one forward-mode pass, or each point in its own pass", choices=("joint", "each"))
-        estimator: str = option("subbatch", "subbatch: a separate forward-mode pass over `samples` inputs; train-pass: tangents ride along the training forward pass over the whole batch", choices=("subbatch", "train-pass"))
-        tangents: str = option("forward", "how the sub-batch estimate pushes tangents: forward-mode AD, or a central difference of one fused primal pass over [x; x] (activity, joint, subbatch only)", choices=("forward", "central"))
-        fd_step: float = option(1e-2, "perturbation size of the central difference (tangents=central)")
+        estimator: str = option("subbatch", "subbatch: a separate pass over `samples` inputs; train-pass: tangents ride along the training forward pass over the whole batch", choices=("subbatch", "train-pass"))
+        tangents: str = option("auto", "how the sub-batch estimate gets u = sum_l J_l d_l: forward-mode AD; "
+                               "central: a difference of one fused pass over [x + step d; x - step d]; "
+                               "onesided: one pass over x + step d against the training pass's own output "
+                               "(needs a per-sample, deterministic forward: no BatchNorm batch statistics, no dropout); "
+                               "auto: onesided where valid, else central, and forward under autocast or "
+                               "where differences do not apply (train-pass, weight perturbation, points=each)",
+                               choices=("auto", "forward", "central", "onesided"))
+        fd_step: float = option(1e-2, "perturbation size of the difference schemes (tangents=central/onesided)")
         perturb: str = option("activity", "perturb activities at the points, or the weights of each block (one pass per block)", choices=("activity", "weight"))
 
         def check(self) -> None:
@@ -75,8 +85,12 @@ class GrAPE(DirectFeedback):
                 raise OptionError(f"option 'beta' must lie in [0, 1), got {self.beta}")
             if self.eta < 0:
                 raise OptionError(f"option 'eta' must be non-negative, got {self.eta}")
-            if self.tangents == "central" and (self.estimator != "subbatch" or self.perturb != "activity" or self.points != "joint"):
-                raise OptionError("tangents=central works with estimator=subbatch, perturb=activity, points=joint")
+            if self.tangents in ("central", "onesided") and (
+                    self.estimator != "subbatch" or self.perturb != "activity" or self.points != "joint"):
+                raise OptionError(f"tangents={self.tangents} works with estimator=subbatch, perturb=activity, "
+                                  "points=joint")
+            if not self.fd_step > 0:
+                raise OptionError(f"option 'fd_step' must be positive, got {self.fd_step}")
             if self.estimator == "train-pass" and (self.perturb != "activity" or self.points != "joint"):
                 raise OptionError("estimator=train-pass perturbs activities at all points jointly; "
                                   "use it with perturb=activity and points=joint")
@@ -87,6 +101,22 @@ class GrAPE(DirectFeedback):
         self.norm0: dict[str, float] = {}
         self._pending: dict[str, torch.Tensor] | None = None
         self._blocks: dict[str, list[str]] | None = None
+        self._reference: torch.Tensor | None = None
+
+    def tangent_scheme(self, device: torch.device) -> str:
+        """The scheme ``tangents`` stands for now: ``auto`` resolved (see the option's text)."""
+        o = self.options
+        if o.tangents != "auto":
+            return o.tangents
+        if o.estimator != "subbatch" or o.perturb != "activity" or o.points != "joint":
+            return "forward"
+        if torch.is_autocast_enabled(device.type):
+            return "forward"  # differences of reduced-precision outputs would be noise
+        return "onesided" if per_sample_forward(self.model) else "central"
+
+    @property
+    def period(self) -> int:
+        return self.options.every
 
     def update_due(self) -> bool:
         """Whether this step (``self.steps``, counted from 1) updates the estimate and ``B``."""
@@ -100,8 +130,15 @@ class GrAPE(DirectFeedback):
             if self._blocks is None:
                 self._blocks = block_parameters(self.model, xs, self.names)
             return weight_perturbation_jacobians(self.model, xs, self.names, self._blocks, g)
-        if self.options.tangents == "central":
+        scheme = self.tangent_scheme(xs.device)
+        if scheme == "central":
             return central_difference_jacobians(self.model, xs, self.names, g, self.options.fd_step)
+        if scheme == "onesided":
+            if self._reference is None:
+                raise RuntimeError("tangents=onesided needs the training pass's output for the sub-batch, and "
+                                   "there is none: call estimate() from step(), outside autocast")
+            reference, self._reference = self._reference, None
+            return onesided_difference_jacobians(self.model, xs, self.names, g, reference, self.options.fd_step)
         if self.options.points == "joint":
             return sample_jacobians(self.model, xs, self.names, g)
         out: dict[str, torch.Tensor] = {}
@@ -116,7 +153,9 @@ class GrAPE(DirectFeedback):
         renorm = None if o.renorm == "auto" else o.renorm
         for name in estimates:
             B = self.feedback[name]
-            norm0 = self.norm0.setdefault(name, float(B.norm()))
+            if name not in self.norm0:
+                self.norm0[name] = float(B.norm())
+            norm0 = self.norm0[name]
             G = self.jacobian.mean[name].t()
             self.feedback[name] = update_feedback(
                 B, G, rule=o.rule, eta=o.eta, norm0=norm0, noise=o.noise, renorm=renorm,
@@ -132,8 +171,16 @@ class GrAPE(DirectFeedback):
         over the whole batch, kept for :meth:`before_delivery`.
         """
         self._pending = None
+        self._reference = None
         if self.options.estimator != "train-pass" or not self.update_due():
-            return super().forward_cut(x)
+            out, records = super().forward_cut(x)
+            if self.update_due() and self.tangent_scheme(x.device) == "onesided":
+                if torch.is_autocast_enabled(x.device.type):
+                    raise RuntimeError("tangents=onesided compares float32 outputs; under autocast (amp) use "
+                                       "tangents=central or forward")
+                at = self._head_input[0] if self._head_input is not None else out
+                self._reference = at[: self.options.samples].detach()
+            return out, records
         g = self.rng(x.device)
         records: list[tuple[str, torch.Tensor]] = []
         tangents: dict[str, torch.Tensor] = {}

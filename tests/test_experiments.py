@@ -1,0 +1,400 @@
+"""The experiment runner: specs, the four kinds, resumption and the results page (tiny configs)."""
+
+import json
+import math
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from bpfree import cli, experiment, models
+from bpfree.experiment import docs, estimate
+from bpfree.experiment.common import DONE, NEW, RESUME, STALE
+from bpfree.options import OptionError, option
+from bpfree.points import FeedbackPoint
+from bpfree.train import loop
+from bpfree.train.config import load_toml, resolve
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY = """
+title = "tiny"
+kind = "train"
+questions = ["main"]
+description = "two methods on blobs"
+published = "nothing published"
+[base]
+dataset = "blobs-test"
+model = "mlp"
+widths = [8]
+epochs = 1
+batch_size = 64
+limit_train = 256
+limit_test = 128
+lr = 0.01
+rule = "cosine"
+diagnostics_every = 2
+[scales.quick]
+seeds = 2
+assumed = "tiny on purpose"
+[[variants]]
+name = "bp"
+method = "bp"
+[[variants]]
+name = "grape"
+method = "grape"
+"""
+
+
+def write_spec(folder: Path, name: str, text: str) -> Path:
+    (folder / "experiments").mkdir(parents=True, exist_ok=True)
+    path = folder / "experiments" / f"{name}.toml"
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture
+def tiny(tmp_path, monkeypatch):
+    write_spec(tmp_path, "tiny", TINY)
+    monkeypatch.setenv("BPFREE_EXPERIMENTS", str(tmp_path / "experiments"))
+    return tmp_path
+
+
+def run_quiet(name: str, out: Path, **kw):
+    return experiment.run(experiment.find(name), "quick", out=out, progress=False, echo=lambda s: None, **kw)
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """Counts calls of the training loop's ``train`` and ``resume``."""
+    calls = {"train": 0, "resume": 0}
+    real_train, real_resume = loop.train, loop.resume
+
+    def train(*a, **k):
+        calls["train"] += 1
+        return real_train(*a, **k)
+
+    def resume(*a, **k):
+        calls["resume"] += 1
+        return real_resume(*a, **k)
+
+    monkeypatch.setattr(loop, "train", train)
+    monkeypatch.setattr(loop, "resume", resume)
+    return calls
+
+
+def test_train_table_is_mean_and_std_of_the_run_summaries(tiny):
+    doc = run_quiet("tiny", tiny / "results")
+    root = tiny / "results" / "tiny" / "quick"
+    table = (root / "table.md").read_text()
+    assert [r["label"] for r in doc["rows"]] == ["bp", "grape"]
+    for row in doc["rows"]:
+        summaries = [json.loads((root / "runs" / row["label"] / f"seed{k}" / "summary.json").read_text()) for k in (0, 1)]
+        assert [s["seed"] for s in summaries] == [0, 1]  # seed k: run.seed = base seed + k
+        acc = [s["test_accuracy"] for s in summaries]
+        assert row["mean"] == pytest.approx(statistics.fmean(acc), abs=1e-12)
+        assert row["std"] == pytest.approx(statistics.stdev(acc), abs=1e-12)
+        text = f"{100 * statistics.fmean(acc):.2f} ± {100 * statistics.stdev(acc):.2f}"
+        assert f"| {row['label']} | {row['label']} | {text} |" in table
+    # diagnostics: GrAPE's final B-J cosine is the mean over seeds of the last probe's mean over points
+    grape = doc["rows"][1]
+    finals = []
+    for k in (0, 1):
+        lines = [json.loads(l) for l in (root / "runs" / "grape" / f"seed{k}" / "metrics.jsonl").read_text().splitlines()]
+        last = [l for l in lines if l["kind"] == "diagnostics"][-1]
+        vals = [v for key, v in last.items() if key.startswith("b_jacobian_cos/")]
+        finals.append(sum(vals) / len(vals))
+    assert grape["b_jacobian_cos"][0] == pytest.approx(statistics.fmean(finals), abs=1e-12)
+    assert (root / "metric.png").stat().st_size > 0 and (root / "alignment.png").stat().st_size > 0
+    saved = json.loads((root / "results.json").read_text())
+    assert saved["rows"][0]["runs"][1]["value"] == acc_of(root, "bp", 1)
+
+
+def acc_of(root: Path, label: str, k: int) -> float:
+    return json.loads((root / "runs" / label / f"seed{k}" / "summary.json").read_text())["test_accuracy"]
+
+
+def test_second_call_trains_nothing_and_missing_results_are_redone(tiny, counted):
+    out = tiny / "results"
+    run_quiet("tiny", out)
+    assert counted == {"train": 4, "resume": 0}
+    runs = out / "tiny" / "quick" / "runs"
+    mtimes = {p: p.stat().st_mtime_ns for p in runs.rglob("summary.json")}
+    run_quiet("tiny", out)
+    assert counted == {"train": 4, "resume": 0}
+    assert {p: p.stat().st_mtime_ns for p in runs.rglob("summary.json")} == mtimes
+    # a deleted summary is redone from the checkpoint; a deleted run folder is trained again
+    (runs / "grape" / "seed1" / "summary.json").unlink()
+    for f in (runs / "bp" / "seed0").iterdir():
+        f.unlink()
+    spec = experiment.find("tiny")
+    jobs, _ = experiment.plan(spec, "quick", out=out)
+    assert [experiment.job_status(spec, j) for j in jobs] == [NEW, DONE, DONE, RESUME]
+    run_quiet("tiny", out)
+    assert counted == {"train": 5, "resume": 1}
+    assert (runs / "grape" / "seed1" / "summary.json").exists()
+    # an edited configuration makes every run stale
+    write_spec(tiny, "tiny", TINY.replace("lr = 0.01", "lr = 0.02"))
+    jobs, _ = experiment.plan(experiment.find("tiny"), "quick", out=out)
+    assert {experiment.job_status(spec, j) for j in jobs} == {STALE}
+
+
+def test_an_interrupted_grid_resumes_where_it_stopped(tiny, monkeypatch):
+    calls = []
+    real = loop.train
+
+    def train(cfg, out, **kw):
+        calls.append(Path(out))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(cfg, out, **kw)
+
+    monkeypatch.setattr(loop, "train", train)
+    with pytest.raises(KeyboardInterrupt):
+        run_quiet("tiny", tiny / "results")
+    assert not (tiny / "results" / "tiny" / "quick" / "table.md").exists()
+    run_quiet("tiny", tiny / "results")
+    assert len(calls) == 5  # 2 finished, 1 interrupted, then the interrupted one and the last
+    assert calls[3] == calls[2]
+    assert (tiny / "results" / "tiny" / "quick" / "table.md").exists()
+
+
+def test_dry_run_lists_runs_and_trains_nothing(tiny, counted):
+    lines = []
+    experiment.run(experiment.find("tiny"), "quick", seeds=3, out=tiny / "results", dry_run=True, echo=lines.append)
+    assert counted == {"train": 0, "resume": 0}
+    assert "6 runs, 0 done, 6 to run" in lines[0] and len(lines) == 7
+    assert not (tiny / "results").exists()
+
+
+GRID = """
+title = "grid"
+kind = "train"
+[base]
+dataset = "blobs-test"
+widths = [4]
+[scales.quick]
+limit_train = 64
+[scales.full]
+limit_train = 128
+[scales.full.grid]
+batch_size = [8]
+[grid]
+lr = [0.1, 0.01]
+batch_size = [16, 32]
+[[variants]]
+name = "a"
+method = "bp"
+[[variants]]
+name = "b"
+method = "dfa"
+quick.scale = 2.0
+"""
+
+
+def test_grid_is_the_cartesian_product_with_the_variants(tmp_path):
+    spec = experiment.load_spec(write_spec(tmp_path, "grid", GRID))
+    jobs, seeds = experiment.plan(spec, "quick", out=tmp_path)
+    expected = [f"{v}, lr={lr}, batch_size={b}" for lr in ("0.1", "0.01") for b in (16, 32) for v in ("a", "b")]
+    assert seeds == 1 and [j.label for j in jobs] == expected
+    assert [(j.config.run.lr, j.config.run.batch_size, j.config.run.method) for j in jobs[:2]] == [
+        (0.1, 16, "bp"), (0.1, 16, "dfa")]
+    assert jobs[1].config.method["scale"] == 2.0  # the variant's quick.* keys apply at quick only
+    assert jobs[0].dir == tmp_path / "grid" / "quick" / "runs" / "a-lr-0.1-batch-size-16" / "seed0"
+    full, _ = experiment.plan(spec, "full", seeds=2, out=tmp_path)
+    assert [j.label for j in full][:4] == ["a, lr=0.1, batch_size=8"] * 2 + ["b, lr=0.1, batch_size=8"] * 2
+    assert full[3].config.method["scale"] == 1.0 and full[3].config.method["seed"] == 1
+    assert {j.config.run.limit_train for j in full} == {128}
+
+
+@pytest.mark.parametrize("text, words", [
+    ("bogus = 1\n" + TINY, ["tiny.toml", "bogus", "unknown key"]),
+    (TINY.replace('kind = "train"', 'kind = "tran"'), ["kind", "tran"]),
+    (TINY + "\n[grid]\nlr = []\n", ["grid.lr", "empty grid"]),
+    (TINY.replace('name = "bp"\n', ""), ["variants[0].name"]),
+    (TINY.replace('name = "grape"', 'name = "bp"'), ["used twice"]),
+    (TINY.replace("seeds = 2", "seeds = 0"), ["scales.quick.seeds"]),
+    (TINY + "\n[scales.huge]\n", ["scales.huge", "unknown scale"]),
+    (TINY + "\n[toy]\nsteps = 3\n", ["toy", "section of kind 'toy'"]),
+    (TINY.replace('rule = "cosine"', 'rulez = "cosine"'), ["tiny.toml", "rulez", "row 'bp'"]),
+    (TINY.replace('method = "grape"', 'method = "grape"\nquick.etaa = 1'), ["tiny.toml", "etaa", "row 'grape'"]),
+])
+def test_spec_errors_name_the_file_and_the_key(tiny, text, words):
+    path = write_spec(tiny, "tiny", text)
+    with pytest.raises(OptionError) as err:
+        experiment.plan(experiment.load_spec(path), "quick")
+    for w in words:
+        assert w in str(err.value)
+
+
+def test_unknown_experiment_and_scale_list_the_available_ones(tiny, capsys):
+    assert cli.main(["experiment", "run", "nope", "--dry-run"]) == 2
+    assert "available: tiny" in capsys.readouterr().err
+    assert cli.main(["experiment", "run", "tiny", "--scale", "full", "--dry-run"]) == 2
+    assert "has no scale 'full'; its scales: quick" in capsys.readouterr().err
+
+
+def test_toy_with_eta_zero_keeps_every_cosine_at_c0(tmp_path):
+    spec = experiment.load_spec(write_spec(tmp_path, "toy", """
+title = "toy"
+kind = "toy"
+[toy]
+c0 = [-0.9, 0.0, 0.5]
+noise = [0.0]
+eta = 0.0
+steps = 5
+n = 8
+o = 3
+[scales.quick]
+seeds = 2
+"""))
+    doc = experiment.run(spec, "quick", out=tmp_path, progress=False, echo=lambda s: None)
+    assert [r["rule"] for r in doc["rows"]] == ["rescale", "alt1", "alt2", "cosine", "regress"]
+    for row in doc["rows"]:
+        for c0, (mean, std) in row["final_unit_cos"].items():
+            assert mean == pytest.approx(float(c0), abs=1e-12) and std == pytest.approx(0.0, abs=1e-12)
+    table = (tmp_path / "toy" / "quick" / "table.md").read_text()
+    assert "| cosine | 0.0 | -0.900 ± 0.000 | 0.000 ± 0.000 | 0.500 ± 0.000 |" in table
+
+
+@dataclass
+class LinearOptions:
+    widths: tuple[int, ...] = option((8,), "hidden widths")
+    activation: str = option("none", "ignored: the net is linear")
+
+
+class LinearNet(nn.Module):
+    """``y = W_L ... W_1 x``, a feedback point after every hidden layer."""
+
+    def __init__(self, n_in: int, widths, n_out: int) -> None:
+        super().__init__()
+        dims = [n_in, *widths, n_out]
+        self.layers = nn.ModuleList(nn.Linear(a, b, bias=False) for a, b in zip(dims, dims[1:]))
+        self.points = nn.ModuleList(FeedbackPoint() for _ in widths)
+
+    def forward(self, x):
+        h = x.flatten(1)
+        for i, layer in enumerate(self.layers):
+            h = layer(h)
+            if i < len(self.points):
+                h = self.points[i](h)
+        return h
+
+
+@models.register("linear-test", "linear net (tests only)", LinearOptions)
+def _linear(input_shape, num_classes, o):
+    return LinearNet(math.prod(input_shape), o.widths, num_classes)
+
+
+def test_exact_jacobian_of_a_linear_net_is_the_weight_product():
+    torch.manual_seed(0)
+    net = LinearNet(12, (6, 5), 3)
+    x = torch.randn(300, 12)
+    exact = estimate.exact_mean_jacobians(net, x, chunk=128)
+    W1, W2, W3 = (l.weight.detach().double() for l in net.layers)
+    torch.testing.assert_close(exact["points.1"], W3, rtol=0, atol=1e-6)
+    torch.testing.assert_close(exact["points.0"], W3 @ W2, rtol=0, atol=1e-6)
+
+
+def test_estimate_cosine_rises_with_the_number_of_samples_like_one_over_n(tmp_path):
+    spec = experiment.load_spec(write_spec(tmp_path, "est", """
+title = "est"
+kind = "estimate"
+[estimate]
+model = "linear-test"
+data = "random"
+depths = [1, 2]
+width = 16
+batches = [4]
+samples = [1, 4, 16, 64, 256]
+reference = 64
+[scales.quick]
+seeds = 3
+"""))
+    doc = experiment.run(spec, "quick", out=tmp_path, progress=False, echo=lambda s: None)
+    for row in doc["rows"]:
+        means = [m for m, _ in row["cos"]]
+        assert all(a < b for a, b in zip(means, means[1:])), means
+        assert means[0] < 0.7 and means[-1] > 0.95
+        # cumulative mean of N unbiased estimates: 1/cos^2 - 1 ~ a/N, slope -1 on log-log axes
+        assert row["slope"] == pytest.approx(-1.0, abs=0.2)
+    assert doc["inputs"] == ["random N(0, 1) inputs"]
+    assert "random N(0, 1) inputs" in (tmp_path / "est" / "quick" / "table.md").read_text()
+
+
+def test_bench_ratios_are_median_times_over_bps(tmp_path):
+    spec = experiment.load_spec(write_spec(tmp_path, "cost", """
+title = "cost"
+kind = "bench"
+[base]
+dataset = "blobs-test"
+batch_size = 16
+device = "cpu"
+[bench]
+depths = [1]
+widths = [8, 16]
+methods = ["bp", "dfa"]
+repeats = 3
+warmup = 1
+memory = false
+[scales.quick]
+threads = 1
+"""))
+    doc = experiment.run(spec, "quick", out=tmp_path, progress=False, echo=lambda s: None)
+    cells = {(c["width"], c["method"]): c for c in doc["rows"]}
+    assert set(cells) == {(8, "bp"), (8, "dfa"), (16, "bp"), (16, "dfa")}
+    for w in (8, 16):
+        bp, dfa = cells[(w, "bp")]["seeds"][0], cells[(w, "dfa")]["seeds"][0]
+        assert bp["ratio_to_bp"] == 1.0
+        assert dfa["ratio_to_bp"] == pytest.approx(dfa["median_ms"] / bp["median_ms"], abs=2e-3)
+    assert "| 1 | 8 | dfa |" in (tmp_path / "cost" / "quick" / "table.md").read_text()
+
+
+def test_every_shipped_experiment_resolves_at_both_scales():
+    found = experiment.discover(REPO / "experiments")
+    assert {"main-cnn", "main-deep", "main-transformer", "alignment-rules", "ablations", "ablation-batchnorm",
+            "estimate-quality", "toy-dynamics", "step-cost"} <= set(found)
+    assert "demo" not in found  # a plain --config file, not an experiment
+    resolve(load_toml(REPO / "experiments" / "demo.toml"))  # and still one `bpfree compare --config` takes
+    for name, path in found.items():
+        spec = experiment.load_spec(path)
+        assert spec.questions and spec.description.strip() and set(spec.scales) == {"quick", "full"}, name
+        for scale in ("quick", "full"):
+            assert spec.scales[scale].assumed.strip(), (name, scale)
+            jobs, seeds = experiment.plan(spec, scale, out=Path("/nonexistent"))
+            assert jobs and seeds >= 1, (name, scale)
+            if spec.kind == "train":
+                assert len({j.label for j in jobs}) * seeds == len(jobs)
+
+
+def test_docs_page_holds_each_experiment_table_and_figures(tiny, tmp_path):
+    results = tiny / "results"
+    run_quiet("tiny", results)
+    spec = experiment.load_spec(write_spec(tiny, "toy", """
+title = "Toy rules"
+kind = "toy"
+questions = ["Q5"]
+published = "Figures 4 and 5"
+[toy]
+rules = ["cosine"]
+steps = 3
+[scales.quick]
+"""))
+    experiment.run(spec, "quick", out=results, progress=False, echo=lambda s: None)
+    out = tmp_path / "site" / "results.md"
+    out.parent.mkdir()
+    (out.parent / "findings.md").write_text("GrAPE aligns.\n")
+    text = docs.write(results, out).read_text()
+    assert text.index("## Answers at quick scale") < text.index("GrAPE aligns.") < text.index("## tiny")
+    for name in ("tiny", "toy"):
+        table = (results / name / "quick" / "table.md").read_text().strip()
+        assert table in text
+    assert text.index("## tiny") < text.index("## Toy rules")  # main question first
+    assert "tiny on purpose" in text and "nothing published" in text and "Figures 4 and 5" in text
+    links = [l[l.index("](") + 2 : -1] for l in text.splitlines() if l.startswith("![")]
+    assert len(links) == 3
+    for link in links:
+        assert (out.parent / link).resolve().is_file()
