@@ -74,9 +74,10 @@ def load_task(cfg: RunConfig, device):
 
 
 def time_methods(cfgs: list[RunConfig], repeats: int = 20, warmup: int = 5, progress: bool = True,
-                 group: int | None = None) -> dict[str, list[float]]:
+                 group: int | None = None) -> tuple[dict[str, list[float]], int]:
     """Per-step seconds of every config's method, ``repeats`` samples each (each the mean over
-    ``group`` consecutive steps; default: the longest method period, at most 10), alternating."""
+    ``group`` consecutive steps; default: the longest method period, at most 10), alternating;
+    and the ``group`` used."""
     device = resolve_device(cfgs[0].run.device)
     task = load_task(cfgs[0], device)
     contenders = [build(c, task, device) for c in cfgs]
@@ -97,7 +98,7 @@ def time_methods(cfgs: list[RunConfig], repeats: int = 20, warmup: int = 5, prog
         for c in contenders:
             total = sum(one_step(c, task, *batches[(r * group + i) % len(batches)], device) for i in range(group))
             times[c.name].append(total / group)
-    return times
+    return times, group
 
 
 def peak_memory_mb(cfg: RunConfig, steps: int = 3) -> float:
@@ -164,7 +165,7 @@ def bench(cfgs: list[RunConfig], repeats: int = 20, warmup: int = 5, memory: boo
           group: int | None = None) -> list[dict]:
     """Rows ``{method, median_ms, p25_ms, p75_ms, ratio_to_bp, peak_mem_mb}`` (ratio to the first
     method when ``bp`` is not among them); ``group``: see :func:`time_methods`."""
-    times = time_methods(cfgs, repeats, warmup, progress, group)
+    times, group = time_methods(cfgs, repeats, warmup, progress, group)
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     ref = med.get("bp", next(iter(med.values())))
     rows = []
@@ -175,6 +176,7 @@ def bench(cfgs: list[RunConfig], repeats: int = 20, warmup: int = 5, memory: boo
             "method": name, "median_ms": round(med[name], 3), "p25_ms": round(q[0] * 1e3, 3),
             "p75_ms": round(q[2] * 1e3, 3), "ratio_to_bp": round(med[name] / ref, 3),
             "peak_mem_mb": round(peak_memory_mb(cfg), 1) if memory else None,
+            "steps_per_sample": group,
         })
     return rows
 
@@ -183,7 +185,9 @@ def table(rows: list[dict], cfg: RunConfig, repeats: int) -> str:
     r = cfg.run
     device = resolve_device(r.device)
     head = (f"{r.model} on {r.dataset}-shaped batches of {r.batch_size}, {r.optimizer}, {device}, "
-            f"{torch.get_num_threads()} threads, median of {repeats} steps\n\n"
+            f"{torch.get_num_threads()} threads, median of {repeats} samples"
+            + (f" (each the mean of {rows[0]['steps_per_sample']} consecutive steps)" if rows and rows[0].get("steps_per_sample", 1) > 1 else "")
+            + "\n\n"
             "| method | median ms/step | p25–p75 ms | ratio to bp | peak memory MB |\n|---|---|---|---|---|\n")
     return head + "".join(
         f"| {row['method']} | {row['median_ms']:.2f} | {row['p25_ms']:.2f}–{row['p75_ms']:.2f} | "

@@ -270,8 +270,10 @@ def cmd_bench(args) -> int:
         torch.set_num_threads(args.threads)
     base = load_toml(args.config) if args.config else {}
     cfgs = configs(names, base, args.set, _overrides(args))
+    if args.group is not None and args.group < 1:
+        raise OptionError(f"--group must be at least 1, got {args.group}")
     rows = bench(cfgs, repeats=args.repeats, warmup=args.warmup, memory=not args.no_memory,
-                 progress=not args.no_progress)
+                 progress=not args.no_progress, group=args.group)
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
@@ -361,6 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default="bp,dfa,grape", help="comma-separated (default bp,dfa,grape)")
     p.add_argument("--repeats", type=int, default=20, help="timed steps per method (alternating)")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps per method first")
+    p.add_argument("--group", type=int, default=None,
+                   help="consecutive steps per timed sample (default: the longest method period, e.g. GrAPE's every)")
     p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")

@@ -156,7 +156,7 @@ class GrAPE(DirectFeedback):
             if name not in self.norm0:
                 self.norm0[name] = float(B.norm())
             norm0 = self.norm0[name]
-            G = self.jacobian.mean[name].t()
+            G = self.jacobian.mean[name].t().contiguous()  # (n_l, o); row reductions on a transposed view are slow
             self.feedback[name] = update_feedback(
                 B, G, rule=o.rule, eta=o.eta, norm0=norm0, noise=o.noise, renorm=renorm,
                 generator=self.rng(B.device),
