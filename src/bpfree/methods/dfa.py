@@ -15,6 +15,26 @@ from . import register
 from .base import LossFn, Method, StepResult, check_batch, forward_checked
 
 
+class _SignalRoot(torch.autograd.Function):
+    """A scalar root whose backward hands ``signal`` to ``h`` as its gradient.
+
+    ``_SignalRoot.apply(h, signal).backward()`` fills the same gradients as
+    ``torch.autograd.backward(h, signal)``, but the caller need not keep ``h`` or ``signal``
+    alive during the backward pass: the signal is let go once handed on, and ``h`` lives only as
+    long as the block's own saved tensors need it.
+    """
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, signal: torch.Tensor) -> torch.Tensor:
+        ctx.signal = signal
+        return h.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, _grad: torch.Tensor):
+        signal, ctx.signal = ctx.signal, None
+        return signal, None
+
+
 class DirectFeedback(Method):
     """Base of the direct-feedback family: cut the graph at every point, send each a signal.
 
@@ -136,11 +156,11 @@ class DirectFeedback(Method):
     def deliver(self, e: torch.Tensor, records, y: torch.Tensor) -> None:
         """Send ``(y, e)`` (or ``(z, e)``) and ``(h_l, signal_l)`` into the graph, last block first.
 
-        The blocks' graphs are disjoint (cut at every point), so one ``autograd.backward`` call per
-        block gives the same gradients as a single batched call; block by block, each signal is made
-        just before its block's backward and that block's activations are freed right after (the
-        entries of ``records`` are consumed), so peak memory stays at BP's: a batched call would
-        hold every signal, every block's intermediate gradients and every ``h_l`` at once.
+        The blocks' graphs are disjoint (cut at every point), so one backward call per block gives
+        the same gradients as a single batched call. Block by block, each signal is made just
+        before its block's backward, and neither it nor ``h_l`` is held here while the block runs
+        (the entries of ``records`` are consumed; see :class:`_SignalRoot`), so every tensor is
+        freed as soon as autograd is done with it and peak memory stays at BP's.
         """
         target = self._error_at
         self._error_at = None
@@ -149,8 +169,11 @@ class DirectFeedback(Method):
         del target
         while records:
             name, h = records.pop()
-            if h.requires_grad:
-                torch.autograd.backward(h, self.signal(name, e, h, y))
+            if not h.requires_grad:
+                continue
+            root = _SignalRoot.apply(h, self.signal(name, e, h, y))
+            del h
+            root.backward()
 
     def calibration_due(self) -> bool:
         """Whether this step is a calibration step (``calibrate_every`` steps, or after epochs)."""
