@@ -209,3 +209,41 @@ def test_per_sample_jacobian_helper_matches_the_closed_form():
     model = one_hidden()
     J = per_sample_jacobians(model, torch.randn(3, 7))["2"]
     torch.testing.assert_close(J, model[3].weight.detach().expand(3, 3, 5))
+
+
+def _peak_live_bytes(step) -> int:
+    """Peak of live tensor bytes allocated during ``step()`` (from the profiler's memory events)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+@pytest.mark.parametrize("method", ["dfa", "grape"])
+def test_peak_step_memory_is_bps(method):
+    # Both end a step holding the same gradients; BP holds one block's intermediate gradient at
+    # a time, and so must the direct-feedback delivery (no signal, no h_l kept past its block).
+    # What DFA must keep besides is the output error e (batch x o floats) for every block's
+    # signal, and the 0-d root each signal enters through. GrAPE's estimate pass runs before any
+    # gradient exists, so it adds nothing at the peak; its state (B_l, Jbar_l) predates the step.
+    x = torch.randn(64, 20)
+    y = torch.randint(0, 10, (64,))
+    peaks = {}
+    for name in ("bp", method):
+        torch.manual_seed(0)
+        model = bpfree.models.create("mlp", (20,), 10, widths=(256, 256, 256))
+        m = bpfree.methods.create(name, model)
+        for _ in range(2):  # feedback matrices, estimates and their buffers exist from here on
+            model.zero_grad(set_to_none=True)
+            m.step(x, y, F.cross_entropy)
+        model.zero_grad(set_to_none=True)
+        peaks[name] = _peak_live_bytes(lambda: m.step(x, y, F.cross_entropy))
+    e_bytes = 64 * 10 * 4
+    assert peaks[method] <= peaks["bp"] + e_bytes + 4, peaks

@@ -157,10 +157,10 @@ class GrAPE(DirectFeedback):
                 self.norm0[name] = float(B.norm())
             norm0 = self.norm0[name]
             G = self.jacobian.mean[name].t().contiguous()  # (n_l, o); row reductions on a transposed view are slow
-            self.feedback[name] = update_feedback(
+            B.copy_(update_feedback(  # in place: B_l keeps its storage from step to step
                 B, G, rule=o.rule, eta=o.eta, norm0=norm0, noise=o.noise, renorm=renorm,
                 generator=self.rng(B.device),
-            )
+            ))
 
     def forward_cut(self, x: torch.Tensor):
         """DFA's cut forward pass; with ``estimator="train-pass"`` it also carries tangents.
