@@ -2,8 +2,9 @@
 
 For every depth ``L`` and width ``W``: the run configuration of ``[base]`` (and the scale's keys
 that are not parameters of ``[bench]``) with ``widths = [W] * L``, timed by
-:func:`bpfree.bench.bench` for every method (the median step over ``repeats`` alternating steps
-after ``warmup``; the peak memory its training adds). Seed ``k`` adds ``k`` to ``run.seed``; the
+:func:`bpfree.bench.bench` for every method (the median over ``repeats`` alternating samples,
+each the mean step time over the longest method period, after ``warmup``; the peak memory its
+training adds). Seed ``k`` adds ``k`` to ``run.seed``; the
 table gives the mean over seeds of the medians. ``threads`` (if not 0) sets ``torch``'s CPU
 threads for the timing.
 
@@ -106,11 +107,13 @@ def write(spec: Spec, scale: Scale, seeds: int, jobs: list[Job], records: list[d
                            pm(*c["ratio_to_bp"], 2), pm(*c["peak_mem_mb"], 1) if mem else "–"])
     cfg = jobs[0].config[0].run
     threads = sorted({rec["threads"] for rec in records})
+    group = sorted({r.get("steps_per_sample", 1) for rec in records for r in rec["rows"]})
     head = ["depth", "width", "method", "ms/step", "ratio to bp", "peak MB"]
     table = (f"{spec.title} — scale {scale.name}: {cfg.model} ({p.depths} hidden layers x {p.widths} units) on "
              f"{cfg.dataset}-shaped batches of {cfg.batch_size}, {cfg.optimizer}, device {cfg.device}, "
-             f"{'/'.join(map(str, threads))} thread(s); median of {p.repeats} alternating steps after {p.warmup} "
-             f"warm-up steps; {seeds} seed(s), mean ± std (n − 1) of the medians. Peak MB: memory the training "
+             f"{'/'.join(map(str, threads))} thread(s); median of {p.repeats} alternating samples, each the mean of "
+             f"{'/'.join(map(str, group))} consecutive step(s) (GrAPE's period), after {p.warmup} warm-up "
+             f"samples; {seeds} seed(s), mean ± std (n − 1) of the medians. Peak MB: memory the training "
              f"steps add (CUDA: max allocated; CPU: peak RSS growth in a subprocess).\n\n"
              + markdown_table(head, table_rows))
     (root / "table.md").write_text(table)
