@@ -48,7 +48,6 @@ import os
 import pickle
 import re
 import tarfile
-import tempfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -199,23 +198,9 @@ def install_archive(stream: BinaryIO, dest: Path, sha256: str, md5: Optional[str
     Raises:
         DataError: a read error or a hash mismatch (naming ``origin``, the file, expected and actual).
     """
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
     h256, h5 = hashlib.sha256(), hashlib.md5()
-    size = 0
-    done = False
-    try:
-        with os.fdopen(fd, "wb") as out:
-            try:
-                while chunk := stream.read(_CHUNK):
-                    h256.update(chunk)
-                    h5.update(chunk)
-                    out.write(chunk)
-                    size += len(chunk)
-            except OSError as e:
-                raise DataError(f"{origin}: cannot read {dest.name}: {e}") from e
-            out.flush()
-            os.fsync(out.fileno())
-            os.chmod(tmp, _src._FILE_MODE)
+
+    def verify(size: int) -> None:
         if h256.hexdigest() != sha256:
             raise DataError(
                 f"{origin}: {dest.name} has sha256 {h256.hexdigest()} ({size} bytes), expected {sha256} "
@@ -223,12 +208,8 @@ def install_archive(stream: BinaryIO, dest: Path, sha256: str, md5: Optional[str
             )
         if md5 is not None and h5.hexdigest() != md5:
             raise DataError(f"{origin}: {dest.name} has md5 {h5.hexdigest()}, expected {md5}")
-        os.replace(tmp, dest)
-        done = True
-    finally:
-        if not done:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+
+    _src.write_verified(stream, dest, origin, [h256, h5], verify)
 
 
 class ArchiveSource(_src.Source):
@@ -245,23 +226,8 @@ class ArchiveSource(_src.Source):
     def session(self, progress: bool):
         return self.inner.session(progress)
 
-    def provide(self, wanted: Mapping[str, str], dest: Path, progress: bool) -> None:
-        problems: list[str] = []
-        with self.inner.session(progress) as open_file:
-            for name, sha in wanted.items():
-                try:
-                    cm = open_file(name, progress)
-                    if cm is None:
-                        problems.append(f"{name}: not found")
-                        continue
-                    with cm as stream:
-                        install_archive(stream, dest / name, sha, self.md5.get(name), origin=self.label)
-                except DataError as e:
-                    problems.append(str(e).removeprefix(f"{self.label}: "))
-                except OSError as e:
-                    problems.append(f"{name}: {e}")
-        if problems:
-            raise DataError("; ".join(problems))
+    def install(self, stream: BinaryIO, dest: Path, sha256: str) -> None:
+        install_archive(stream, dest, sha256, self.md5.get(dest.name), origin=self.label)
 
 
 class FileSource(_src.Source):

