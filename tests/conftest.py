@@ -39,5 +39,14 @@ def blobs():
     return make_blobs(64, seed=3)
 
 
-# The fast tier's tensors are tiny: one thread avoids thread start-up and contention costs.
+# The fast tier's tensors are tiny: one thread avoids thread start-up and contention costs (and
+# gives bit for bit the kernels the tests' subprocesses use).
 torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Every test starts on one intra-op thread, whatever an earlier test (``--threads``) set."""
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(1)

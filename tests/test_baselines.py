@@ -26,14 +26,6 @@ DT = torch.float64
 ZOO = ["fa", "usf", "brsf", "frsf", "dkp", "drtp", "pepita", "fg-weight", "fg-activity"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Hand-sized networks run fastest (and steadiest on a shared machine) on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def close(a, b, tol=1e-10):
     torch.testing.assert_close(a, b, rtol=tol, atol=tol)

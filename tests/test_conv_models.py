@@ -33,15 +33,6 @@ NUM_POINTS = {"cnn": 3, "alexnet": 7, "vgg16": 15, "resnet20": 9, "resnet56": 27
 HAS_BN = {"cnn": False, "alexnet": True, "vgg16": True, "resnet20": True, "resnet56": True}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and lose a lot when the cores are shared."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def build(name, shape=(3, 32, 32), classes=10, **extra):
     torch.manual_seed(0)
     return models.create(name, shape, classes, **{**TINY[name], **extra})

