@@ -52,7 +52,9 @@ def assert_bit_identical(a: dict, b: dict) -> None:
 # --------------------------------------------------------------------------- SIGKILL
 
 
-KILL_ARGS = ["--method", "grape", "--dataset", "blobs-test", "--epochs", "3", "--batch-size", "16",
+KILL_EPOCHS = 6  # 6 x 320 / 16 = 120 steps: room for four kills before the run could end
+KILL_STEPS = KILL_EPOCHS * 320 // 16
+KILL_ARGS = ["--method", "grape", "--dataset", "blobs-test", "--epochs", str(KILL_EPOCHS), "--batch-size", "16",
              "--limit-train", "320", "--limit-test", "64", "--lr", "0.01", "--set", "widths=16,16",
              "--set", "checkpoint_every=1", "--set", "log_every=3", "--no-progress"]
 
@@ -88,12 +90,12 @@ def kill_and_resume(tmp_path: Path, kills: int) -> None:
         proc.stderr.close()
         assert alive, f"run {i} ended (code {proc.returncode}) before it could be killed: {err}"
         assert proc.returncode == -signal.SIGKILL
-    assert 0 < step_on_disk() < 60
+    assert 0 < step_on_disk() < KILL_STEPS
     summary = resume(out, progress=False)  # in this process, to the end
-    assert summary["steps"] == 60
+    assert summary["steps"] == KILL_STEPS
     assert not list(out.glob(".*.tmp"))
 
-    ref = Run(resolve({"run": {"method": "grape", "dataset": "blobs-test", "epochs": 3, "batch_size": 16,
+    ref = Run(resolve({"run": {"method": "grape", "dataset": "blobs-test", "epochs": KILL_EPOCHS, "batch_size": 16,
                                "limit_train": 320, "limit_test": 64, "lr": 0.01, "log_every": 3},
                        "model": {"widths": [16, 16]}}), tmp_path / "ref", progress=False)
     ref.fit()
