@@ -165,6 +165,8 @@ class GrAPE(DirectFeedback):
     def forward_cut(self, x: torch.Tensor):
         """DFA's cut forward pass; with ``estimator="train-pass"`` it also carries tangents.
 
+        On an update step under ``tangents=onesided`` it keeps the output (or the Head's input) of
+        the first ``samples`` rows, detached, as the reference :meth:`estimate` differences against.
         Train-pass: inside one ``dual_level`` every point hands the next block its ``h_l`` detached
         with tangent ``(incoming tangent) + d_l``, ``d_l ~ N(0, I)``; the primal keeps its autograd
         graph for the DFA backward, and the output tangent ``u`` gives ``J~_l = mean_i u_i d_{l,i}^T``
