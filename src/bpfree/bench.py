@@ -89,7 +89,7 @@ def time_methods(cfgs: list[RunConfig], repeats: int = 20, warmup: int = 5, prog
     if group < 1:
         raise ValueError(f"group must be at least 1, got {group}")
     for c in contenders:
-        for i in range(max(warmup, 1) * group):
+        for i in range(warmup * group):
             one_step(c, task, *batches[i % len(batches)], device)
     times: dict[str, list[float]] = {c.name: [] for c in contenders}
     from tqdm.auto import tqdm

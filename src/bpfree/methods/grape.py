@@ -102,6 +102,7 @@ class GrAPE(DirectFeedback):
         self._pending: dict[str, torch.Tensor] | None = None
         self._blocks: dict[str, list[str]] | None = None
         self._reference: torch.Tensor | None = None
+        self._scheme: str | None = None  # tangent_scheme() of the current update step
 
     def tangent_scheme(self, device: torch.device) -> str:
         """The scheme ``tangents`` stands for now: ``auto`` resolved (see the option's text)."""
@@ -130,7 +131,7 @@ class GrAPE(DirectFeedback):
             if self._blocks is None:
                 self._blocks = block_parameters(self.model, xs, self.names)
             return weight_perturbation_jacobians(self.model, xs, self.names, self._blocks, g)
-        scheme = self.tangent_scheme(xs.device)
+        scheme, self._scheme = self._scheme or self.tangent_scheme(xs.device), None
         if scheme == "central":
             return central_difference_jacobians(self.model, xs, self.names, g, self.options.fd_step)
         if scheme == "onesided":
@@ -174,9 +175,10 @@ class GrAPE(DirectFeedback):
         """
         self._pending = None
         self._reference = None
+        self._scheme = self.tangent_scheme(x.device) if self.update_due() else None
         if self.options.estimator != "train-pass" or not self.update_due():
             out, records = super().forward_cut(x)
-            if self.update_due() and self.tangent_scheme(x.device) == "onesided":
+            if self._scheme == "onesided":
                 if torch.is_autocast_enabled(x.device.type):
                     raise RuntimeError("tangents=onesided compares float32 outputs; under autocast (amp) use "
                                        "tangents=central or forward")
