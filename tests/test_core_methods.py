@@ -156,6 +156,27 @@ def test_grape_keeps_feedback_norms_over_training_steps(blobs):
     assert grape.steps == 6 and all(c == 3 for c in grape.jacobian.count.values())
 
 
+def test_align_applies_the_rule_to_each_B_with_the_running_estimate(blobs):
+    # align(): Jbar <- running mean of the estimates, then B_l <- update_feedback(B_l, Jbar_l^T);
+    # B_l keeps its values' meaning (n_l, o) but is stored in Jbar_l^T's layout from then on.
+    x, y = blobs
+    model = bpfree.models.create("mlp", (16,), 4, widths=(12, 12))
+    grape = bpfree.methods.create("grape", model, rule="cosine", eta=0.3)
+    grape.step(x, y, F.cross_entropy)
+    before = {n: B.clone() for n, B in grape.feedback.items()}
+    g = torch.Generator().manual_seed(5)
+    est = {n: torch.randn(4, 12, generator=g) for n in grape.feedback}
+    count = dict(grape.jacobian.count)
+    mean = {n: grape.jacobian.mean[n] + (est[n] - grape.jacobian.mean[n]) / (count[n] + 1) for n in est}
+    with torch.no_grad():
+        grape.align(est)
+    for n, B in grape.feedback.items():
+        want = rules.update_feedback(before[n], mean[n].t().contiguous(), rule="cosine", eta=0.3,
+                                     norm0=grape.norm0[n])
+        torch.testing.assert_close(B, want, rtol=1e-5, atol=1e-6)
+        assert B.t().is_contiguous() and B.shape == (12, 4)
+
+
 def test_state_dict_round_trip_reproduces_the_next_step(blobs):
     x, y = blobs
     torch.manual_seed(0)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bpfree.feedback import rules
-from bpfree.feedback.matrices import frobenius_cos, rowcos
+from bpfree.feedback.matrices import frobenius_cos, rowcos, rownorm
 from bpfree.feedback.toy import fixed_target_dynamics, start_with_cosine
 
 B = torch.tensor([[3.0, 4.0], [1.0, 0.0]], dtype=torch.float64)
@@ -102,3 +102,18 @@ def test_rescale_frobenius_cosine_grows_when_row_cosines_differ():
         B1 = rules.update_feedback(B1, Gs, rule="rescale", eta=0.1, norm0=float(B0.norm()), noise=0.0)
     assert float(frobenius_cos(B1, Gs)) > float(frobenius_cos(B0, Gs)) + 0.1
     torch.testing.assert_close(rowcos(B1, Gs), rowcos(B0, Gs))
+
+
+@pytest.mark.parametrize("rule", list(rules.RULES))
+def test_rules_do_not_depend_on_memory_layout(rule):
+    # GrAPE keeps B_l in the memory layout of Jbar_l^T (a transposed view); the update is the same
+    # function of the values: row-major and transposed-storage inputs give equal results.
+    g = torch.Generator().manual_seed(3)
+    Bc, Gc = torch.randn(7, 3, generator=g, dtype=torch.float64), torch.randn(7, 3, generator=g, dtype=torch.float64)
+    Bt, Gt = Bc.t().contiguous().t(), Gc.t().contiguous().t()
+    assert not Bt.is_contiguous() and torch.equal(Bt, Bc)
+    for renorm in rules.RENORMS:
+        want = rules.update_feedback(Bc, Gc, rule=rule, eta=0.2, norm0=3.0, noise=0.0, renorm=renorm)
+        got = rules.update_feedback(Bt, Gt, rule=rule, eta=0.2, norm0=3.0, noise=0.0, renorm=renorm)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(rownorm(Bt), torch.linalg.vector_norm(Bc, dim=1), rtol=1e-12, atol=1e-12)

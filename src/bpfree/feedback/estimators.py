@@ -262,7 +262,9 @@ def _perturbed_pass(model: nn.Module, x: torch.Tensor, names: dict[int, str], ge
             raise _HeadReached(h)
         d = torch.randn((k,) + tuple(h.shape[1:]), generator=generator, device=h.device, dtype=h.dtype)
         tangents[names[id(point)]] = d
-        return h + torch.cat([s * d for s in signs])
+        if len(signs) == 1:
+            return torch.add(h, d, alpha=signs[0])
+        return torch.cat([torch.add(h[j * k:(j + 1) * k], d, alpha=s) for j, s in enumerate(signs)])
 
     batch = torch.cat([x] * len(signs)) if len(signs) > 1 else x
     with torch.no_grad(), torch.autocast(device_type=x.device.type, enabled=False), \

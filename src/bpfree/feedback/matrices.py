@@ -65,10 +65,17 @@ def flat_features(t: torch.Tensor, lead: int) -> torch.Tensor:
     return t.reshape(math.prod(t.shape[:lead]), -1)
 
 
+def rownorm(A: torch.Tensor, keepdim: bool = False) -> torch.Tensor:
+    """``|A_i|``, the Euclidean norm of every row of ``A`` (``(n, o)``): shape ``(n,)`` (``(n, 1)``
+    with ``keepdim``). Written as ``sqrt(sum_j A_ij^2)``: a plain sum reduces fast in either memory
+    layout of ``A``, whereas ``vector_norm`` over the strided axis of a transposed layout is slow."""
+    return (A * A).sum(1, keepdim=keepdim).sqrt()
+
+
 def rowcos(A: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
     """Cosine between matching rows of ``A`` and ``G`` (both ``(n, o)``): shape ``(n,)``."""
     num = (A * G).sum(1)
-    return num / (A.norm(dim=1) * G.norm(dim=1)).clamp_min(EPS)
+    return num / (rownorm(A) * rownorm(G)).clamp_min(EPS)
 
 
 def frobenius_cos(A: torch.Tensor, G: torch.Tensor) -> torch.Tensor:

@@ -28,12 +28,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .matrices import EPS, rowcos
+from .matrices import EPS, rowcos, rownorm
 
 
 def _rescaled_rows(G: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     """``g~``: each row of ``G`` scaled to the norm of the matching row of ``B``."""
-    return G * (B.norm(dim=1) / G.norm(dim=1).clamp_min(EPS)).unsqueeze(1)
+    return G * (rownorm(B, keepdim=True) / rownorm(G, keepdim=True).clamp_min(EPS))
 
 
 def rescale(B: torch.Tensor, G: torch.Tensor, eta: float) -> torch.Tensor:
@@ -55,8 +55,8 @@ def alt2(B: torch.Tensor, G: torch.Tensor, eta: float) -> torch.Tensor:
 
 def cosine(B: torch.Tensor, G: torch.Tensor, eta: float) -> torch.Tensor:
     """One gradient-descent step on each unit's ``1 - cos(B_i, G_i)``."""
-    bn = B.norm(dim=1, keepdim=True).clamp_min(EPS)
-    gn = G.norm(dim=1, keepdim=True).clamp_min(EPS)
+    bn = rownorm(B, keepdim=True).clamp_min(EPS)
+    gn = rownorm(G, keepdim=True).clamp_min(EPS)
     c = (B * G).sum(1, keepdim=True) / (bn * gn)
     return B + eta * (G / (bn * gn) - c * B / bn**2)
 
@@ -92,7 +92,7 @@ def renormalise(B: torch.Tensor, kind: str, norm0: float) -> torch.Tensor:
         return B * (norm0 / B.norm().clamp_min(EPS))  # stays on the device: no synchronisation
     if kind == "rows":
         target = norm0 / math.sqrt(B.shape[0])
-        return B * (target / B.norm(dim=1, keepdim=True).clamp_min(EPS))
+        return B * (target / rownorm(B, keepdim=True).clamp_min(EPS))
     if kind == "none":
         return B
     raise ValueError(f"unknown renormalisation {kind!r}; choose one of {', '.join(RENORMS)}")

@@ -154,10 +154,14 @@ class GrAPE(DirectFeedback):
         renorm = None if o.renorm == "auto" else o.renorm
         for name in estimates:
             B = self.feedback[name]
+            if not B.t().is_contiguous():
+                # B_l (n_l, o) is stored in the memory layout of Jbar_l^T (o rows of n_l), so the
+                # rules' elementwise ops and row sums see two tensors of one layout, with no copy
+                B = self.feedback[name] = B.t().contiguous().t()
             if name not in self.norm0:
                 self.norm0[name] = float(B.norm())
             norm0 = self.norm0[name]
-            G = self.jacobian.mean[name].t().contiguous()  # (n_l, o); row reductions on a transposed view are slow
+            G = self.jacobian.mean[name].t()  # (n_l, o), a view
             B.copy_(update_feedback(  # in place: B_l keeps its storage from step to step
                 B, G, rule=o.rule, eta=o.eta, norm0=norm0, noise=o.noise, renorm=renorm,
                 generator=self.rng(B.device),
