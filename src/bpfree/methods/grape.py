@@ -58,11 +58,11 @@ class GrAPE(DirectFeedback):
         eta: float = option(1e-3, "feedback learning rate eta_B")
         noise: float | None = option(None, "Gaussian noise added to B per update, relative to rms(B_0); default: the rule's (rescale 1e-3, others 0)")
         renorm: str = option("auto", "renormalisation after the update; auto: the rule's (rescale/alt1/alt2 frobenius, cosine rows, regress none)", choices=("auto",) + RENORMS)
-        samples: int = option(32, "inputs per estimate that carry tangents (the sub-batch)")
+        samples: int = option(64, "inputs per estimate that carry tangents (the sub-batch)")
         average: str = option("cumulative", "moving average of the Jacobian estimate", choices=("cumulative", "ema"))
         beta: float = option(0.99, "decay of the exponential moving average (average=ema)")
-        every: int = option(2, "update the estimate and B every this many steps (the estimate pass reads every "
-                                  "weight once, so 32 samples every 2 steps cost about half of 16 every step)")
+        every: int = option(4, "update the estimate and B every this many steps (the estimate pass and the update "
+                                  "have fixed costs, so 64 samples every 4 steps cost less than 32 every 2 or 16 every step)")
         points: str = option("joint", "perturb all points in one forward-mode pass, or each point in its own pass", choices=("joint", "each"))
         estimator: str = option("subbatch", "subbatch: a separate pass over `samples` inputs; train-pass: tangents ride along the training forward pass over the whole batch", choices=("subbatch", "train-pass"))
         tangents: str = option("auto", "how the sub-batch estimate gets u = sum_l J_l d_l: forward-mode AD; "
