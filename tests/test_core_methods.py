@@ -14,6 +14,7 @@ import bpfree
 from bpfree.feedback import rules
 from bpfree.feedback.estimators import RunningJacobian, sample_jacobians
 from bpfree.feedback.matrices import frobenius_cos, rowcos
+from bpfree.methods.base import MethodGenerator
 from bpfree.metrics.jacobians import mean_jacobians, per_sample_jacobians
 from bpfree.options import OptionError
 
@@ -268,3 +269,17 @@ def test_peak_step_memory_is_bps(method):
         peaks[name] = _peak_live_bytes(lambda: m.step(x, y, F.cross_entropy))
     e_bytes = 64 * 10 * 4
     assert peaks[method] <= peaks["bp"] + e_bytes + 4, peaks
+
+
+def test_method_generator_draws_from_its_seed_and_resumes_from_a_saved_state():
+    a = MethodGenerator(3)
+    assert a.get_state() is None  # never used: nothing to save
+    first = torch.randn(4, generator=a.on("cpu"))
+    torch.testing.assert_close(first, torch.randn(4, generator=torch.Generator().manual_seed(3)), rtol=0, atol=0)
+    saved = a.get_state()
+    second = torch.randn(4, generator=a.on("cpu"))
+    b = MethodGenerator(3)
+    b.set_state(saved)  # before first use: applied when the generator is created
+    torch.testing.assert_close(torch.randn(4, generator=b.on("cpu")), second, rtol=0, atol=0)
+    a.set_state(None)  # back to the seed
+    torch.testing.assert_close(torch.randn(4, generator=a.on("cpu")), first, rtol=0, atol=0)

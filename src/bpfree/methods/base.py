@@ -110,6 +110,39 @@ class Method:
         return f"{type(self).__name__}({fields})"
 
 
+class MethodGenerator:
+    """A method's own random generator, seeded with the method's ``seed`` option.
+
+    ``on(device)`` returns the generator, created on the device of first use (and afresh from the
+    seed when the device changes: CPU and CUDA generator states do not convert). ``get_state`` /
+    ``set_state`` carry its state through the method's ``state_dict``; a state set before first use
+    is applied then, so a resumed run draws what an uninterrupted one would.
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+        self._generator: torch.Generator | None = None
+        self._pending: torch.Tensor | None = None
+
+    def on(self, device: torch.device | str) -> torch.Generator:
+        if self._generator is None or self._generator.device != torch.device(device):
+            g = torch.Generator(device=device)
+            g.manual_seed(self.seed)
+            if self._pending is not None:
+                g.set_state(self._pending)
+                self._pending = None
+            self._generator = g
+        return self._generator
+
+    def get_state(self) -> torch.Tensor | None:
+        """The current state, or the one waiting for first use; ``None`` if never used nor set."""
+        return self._generator.get_state() if self._generator is not None else self._pending
+
+    def set_state(self, state: torch.Tensor | None) -> None:
+        """Apply ``state`` at the next :meth:`on` (``None``: start again from the seed)."""
+        self._generator, self._pending = None, state
+
+
 def check_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
     """Errors that name the problem for batches the model cannot take."""
     if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):

@@ -12,7 +12,7 @@ from ..feedback.matrices import init_feedback, point_width, project
 from ..options import OptionError, option
 from ..points import FeedbackPoint, Head, feedback_points, handled, head_marker
 from . import register
-from .base import LossFn, Method, StepResult, check_batch, forward_checked
+from .base import LossFn, Method, MethodGenerator, StepResult, check_batch, forward_checked
 
 
 class _SignalRoot(torch.autograd.Function):
@@ -71,22 +71,14 @@ class DirectFeedback(Method):
         self.names = {id(p): n for n, p in self.points}
         self.head = head_marker(model)
         self.feedback: dict[str, torch.Tensor] = {}
-        self.generator: torch.Generator | None = None
-        self._generator_state: torch.Tensor | None = None
+        self.generator = MethodGenerator(self.options.seed)
         self.steps = 0  # step() calls so far, calibration steps included
         self._calibrate_next = False
 
     # -- pieces subclasses combine -------------------------------------------------------
     def rng(self, device: torch.device) -> torch.Generator:
         """The method's generator on ``device`` (created from ``seed`` or the loaded state)."""
-        if self.generator is None or self.generator.device != torch.device(device):
-            g = torch.Generator(device=device)
-            g.manual_seed(self.options.seed)
-            if self._generator_state is not None:
-                g.set_state(self._generator_state)
-                self._generator_state = None
-            self.generator = g
-        return self.generator
+        return self.generator.on(device)
 
     def forward_cut(self, x: torch.Tensor) -> tuple[torch.Tensor, list[tuple[str, torch.Tensor]]]:
         """``(y, [(name, h_l), ...])`` from a forward pass with the graph cut at every point.
@@ -236,10 +228,8 @@ class DirectFeedback(Method):
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"feedback": {k: v.detach().clone() for k, v in self.feedback.items()},
                                  "steps": self.steps, "calibrate_next": self._calibrate_next}
-        if self.generator is not None:
-            state["generator"] = self.generator.get_state()
-        elif self._generator_state is not None:
-            state["generator"] = self._generator_state
+        if (g := self.generator.get_state()) is not None:
+            state["generator"] = g
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -248,8 +238,7 @@ class DirectFeedback(Method):
         if unknown:
             raise ValueError(f"checkpoint holds feedback for points this model lacks: {sorted(unknown)}")
         self.feedback = {k: v.clone() for k, v in state.get("feedback", {}).items()}
-        self.generator = None
-        self._generator_state = state.get("generator")
+        self.generator.set_state(state.get("generator"))
         self.steps = int(state.get("steps", 0))
         self._calibrate_next = bool(state.get("calibrate_next", False))
 

@@ -24,9 +24,8 @@ from ..feedback.estimators import preserved_buffers
 from ..options import OptionError, option
 from ..points import FeedbackPoint, Head, handled
 from . import register
-from .base import LossFn, Method, StepResult, check_batch, forward_checked
+from .base import LossFn, Method, MethodGenerator, StepResult, check_batch, forward_checked
 from .dfa import DirectFeedback
-from .fa import method_generator
 
 
 def _check_samples(samples: int) -> None:
@@ -67,17 +66,10 @@ class ForwardGradientWeight(Method):
         self.params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not self.params:
             raise ValueError(f"method {self.name!r}: the model has no trainable parameters")
-        self.generator: torch.Generator | None = None
-        self._generator_state: torch.Tensor | None = None
+        self.generator = MethodGenerator(self.options.seed)
 
     def rng(self, device: torch.device) -> torch.Generator:
-        if self.generator is None or self.generator.device != torch.device(device):
-            g = method_generator(self.options.seed, device)
-            if self._generator_state is not None:
-                g.set_state(self._generator_state)
-                self._generator_state = None
-            self.generator = g
-        return self.generator
+        return self.generator.on(device)
 
     def step(self, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) -> StepResult:
         check_batch(self.model, x, y)
@@ -108,16 +100,14 @@ class ForwardGradientWeight(Method):
         return StepResult(loss0, out0, {})
 
     def state_dict(self) -> dict[str, Any]:
-        if self.generator is not None:
-            return {"generator": self.generator.get_state()}
-        return {} if self._generator_state is None else {"generator": self._generator_state}
+        g = self.generator.get_state()
+        return {} if g is None else {"generator": g}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         unknown = set(state) - {"generator"}
         if unknown:
             raise ValueError(f"method {self.name!r} keeps only its generator, but the checkpoint holds {sorted(unknown)}")
-        self.generator = None
-        self._generator_state = state.get("generator")
+        self.generator.set_state(state.get("generator"))
 
 
 @register
@@ -211,8 +201,7 @@ class ForwardGradientActivity(DirectFeedback):
 
         The method's generator is put back afterwards, so training continues as if unprobed.
         """
-        saved = None if self.generator is None else self.generator.get_state()
-        pending = self._generator_state
+        saved = self.generator.get_state()
         try:
             out, records = self.forward_cut(x)
             _, e = self.output_error(out, y, loss_fn)
@@ -221,10 +210,7 @@ class ForwardGradientActivity(DirectFeedback):
             self.deliver(e, records, y)
         finally:
             self._estimates = None
-            if saved is None:
-                self.generator, self._generator_state = None, pending
-            else:
-                self.generator.set_state(saved)
+            self.generator.set_state(saved)
         return signals
 
     def signal(self, name: str, e: torch.Tensor, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -37,7 +37,8 @@ from torch import nn
 
 from ..options import option
 from . import register
-from .fa import LayerFeedback, fan_in, method_generator
+from .base import MethodGenerator
+from .fa import LayerFeedback, fan_in
 
 
 class SignSymmetry(LayerFeedback):
@@ -53,21 +54,14 @@ class SignSymmetry(LayerFeedback):
 
     def __init__(self, model: nn.Module, **options: Any) -> None:
         super().__init__(model, **options)
-        self.generator: torch.Generator | None = None
-        self._generator_state: torch.Tensor | None = None
+        self.generator = MethodGenerator(self.options.seed)
         self.magnitudes: dict[str, torch.Tensor] = {}
         if self.magnitude == "fixed":
             for name, m in self.layers:
                 self.magnitudes[name] = self.draw(m.weight)
 
     def rng(self, device: torch.device) -> torch.Generator:
-        if self.generator is None or self.generator.device != torch.device(device):
-            g = method_generator(self.options.seed, device)
-            if self._generator_state is not None:
-                g.set_state(self._generator_state)
-                self._generator_state = None
-            self.generator = g
-        return self.generator
+        return self.generator.on(device)
 
     def draw(self, weight: torch.Tensor) -> torch.Tensor:
         """``|R|`` with ``R ~ N(0, 1)``, shaped like ``weight``."""
@@ -98,10 +92,8 @@ class SignSymmetry(LayerFeedback):
         state: dict[str, Any] = {}
         if self.magnitudes:
             state["magnitudes"] = {k: v.clone() for k, v in self.magnitudes.items()}
-        if self.generator is not None:
-            state["generator"] = self.generator.get_state()
-        elif self._generator_state is not None:
-            state["generator"] = self._generator_state
+        if (g := self.generator.get_state()) is not None:
+            state["generator"] = g
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -111,8 +103,7 @@ class SignSymmetry(LayerFeedback):
             if set(saved) != names:
                 raise ValueError(f"checkpoint holds magnitudes for layers {sorted(saved)}, this model has {sorted(names)}")
             self.magnitudes = {k: v.clone() for k, v in saved.items()}
-        self.generator = None
-        self._generator_state = state.get("generator")
+        self.generator.set_state(state.get("generator"))
 
 
 @register
