@@ -36,9 +36,8 @@ from hypothesis import strategies as st
 
 import conftest  # noqa: F401  (registers blobs-test)
 from bpfree import cli, methods, models
-from bpfree.options import OptionError
-from bpfree.train.config import RunOptions, resolve, section_classes
-from bpfree.train.loop import Run, TrainingError, train
+from bpfree.train.config import resolve, section_classes
+from bpfree.train.loop import TrainingError, train
 
 HYPO = settings(max_examples=25, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])

@@ -24,7 +24,6 @@ import pytest
 import torch
 
 import conftest  # noqa: F401  (registers blobs-test)
-from bpfree import cli
 from bpfree.train import loop
 from bpfree.train.config import resolve
 from bpfree.train.loop import Run, TrainingError, resume, train

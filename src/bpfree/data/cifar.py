@@ -178,11 +178,9 @@ def get_cifar_info(name: str) -> CifarInfo:
 
 
 def cifar_mirrors(name: str) -> list[str]:
-    """Base URLs for ``name``: ``$BPFREE_MIRROR_<NAME>`` if set, else :data:`CIFAR_MIRRORS`."""
-    env = os.environ.get("BPFREE_MIRROR_" + re.sub(r"[^A-Za-z0-9]", "_", name).upper(), "").strip()
-    if env:
-        return [u for u in re.split(r"[\s,]+", env) if u]
-    return list(CIFAR_MIRRORS.get(name, []))
+    """Base URLs for ``name``: ``$BPFREE_MIRROR_<NAME>`` if set, else :data:`CIFAR_MIRRORS`
+    (:func:`sources.mirror_urls`)."""
+    return _src.mirror_urls(name, CIFAR_MIRRORS)
 
 
 # --------------------------------------------------------------------------- installing the archive

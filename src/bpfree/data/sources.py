@@ -195,6 +195,16 @@ def install_stream(stream: BinaryIO, dest: Path, expected_sha256: str, origin: s
     write_verified(reader, dest, origin, [h], verify, read_errors=(OSError, EOFError, zlib.error))
 
 
+def mirror_urls(name: str, defaults: Mapping[str, Sequence[str]]) -> list[str]:
+    """Base URLs for dataset ``name``: ``$BPFREE_MIRROR_<NAME>`` (``name`` upper-cased, other
+    characters than letters and digits as ``_``; spaces or commas separate several URLs) if set,
+    else ``defaults[name]`` (none if absent)."""
+    env = os.environ.get("BPFREE_MIRROR_" + re.sub(r"[^A-Za-z0-9]", "_", name).upper(), "").strip()
+    if env:
+        return [u for u in re.split(r"[\s,]+", env) if u]
+    return list(defaults.get(name, []))
+
+
 def plan_sources(name: str, source: "str | os.PathLike", *, registry: Callable[[], list["Source"]] | None,
                  urls: Sequence[str], url_source: Callable[[str], "Source"],
                  path_source: Callable[[Path], "Source"], paths_hint: str) -> list["Source"]:

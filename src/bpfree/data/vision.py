@@ -14,7 +14,6 @@ base URLs separated by spaces or commas), or a local path.
 from __future__ import annotations
 
 import os
-import re
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -205,13 +204,9 @@ def get_info(name: str) -> DatasetInfo:
 
 
 def mirrors(name: str) -> list[str]:
-    """Base URLs for ``name``: ``$BPFREE_MIRROR_<NAME>`` (spaces/commas separate several) if set,
-    else ``MIRRORS[name]``."""
-    env_key = "BPFREE_MIRROR_" + re.sub(r"[^A-Za-z0-9]", "_", name).upper()
-    env = os.environ.get(env_key, "").strip()
-    if env:
-        return [u for u in re.split(r"[\s,]+", env) if u]
-    return list(MIRRORS.get(name, []))
+    """Base URLs for ``name``: ``$BPFREE_MIRROR_<NAME>`` if set, else ``MIRRORS[name]``
+    (:func:`sources.mirror_urls`)."""
+    return _src.mirror_urls(name, MIRRORS)
 
 
 def _registry_source(info: DatasetInfo) -> _src.Source:
