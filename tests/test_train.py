@@ -61,10 +61,12 @@ def test_loop_source_has_no_method_branches():
 
 @pytest.mark.parametrize("method", ["bp", "dfa", "grape"])
 def test_run_directory_contents(tmp_path, method):
+    torch.set_num_threads(2)  # recorded in the summary; conftest sets 1 again after the test
     summary = train(cfg(method=method), tmp_path, progress=False)
     for key in ("method", "model", "dataset", "epochs", "test_accuracy", "train_seconds"):
         assert key in summary
     assert summary["test_accuracy"] > 0.6  # four clusters: chance is 0.25
+    assert summary["threads"] == 2
     on_disk = json.loads((tmp_path / "summary.json").read_text())
     assert on_disk["test_accuracy"] == summary["test_accuracy"]
     config = tomllib.loads((tmp_path / "config.toml").read_text())

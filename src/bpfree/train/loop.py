@@ -597,6 +597,8 @@ class Run:
             "parameters": sum(p.numel() for p in self.model.parameters()),
             "device": str(self.device), "seed": r.seed,
             "processes": self.workers.world, "amp": r.amp,
+            # CPU results can depend on it (convolution kernels split reductions per thread)
+            "threads": torch.get_num_threads(),
             "config": self.cfg.to_dict(),
         })
         save_json(summary, self.out / "summary.json")
