@@ -58,7 +58,7 @@ class GrAPE(DirectFeedback):
         eta: float = option(1e-3, "feedback learning rate eta_B")
         noise: float | None = option(None, "Gaussian noise added to B per update, relative to rms(B_0); default: the rule's (rescale 1e-3, others 0)")
         renorm: str = option("auto", "renormalisation after the update; auto: the rule's (rescale/alt1/alt2 frobenius, cosine rows, regress none)", choices=("auto",) + RENORMS)
-        samples: int = option(64, "inputs per estimate that carry tangents (the sub-batch)")
+        samples: int = option(64, "inputs per estimate that carry tangents (the sub-batch: the first samples of the batch, all of a smaller batch)")
         average: str = option("cumulative", "moving average of the Jacobian estimate", choices=("cumulative", "ema"))
         beta: float = option(0.99, "decay of the exponential moving average (average=ema)")
         every: int = option(4, "update the estimate and B every this many steps (the estimate pass and the update "
