@@ -212,7 +212,7 @@ def test_frsf_and_brsf_use_sign_of_W_times_random_magnitudes():
     assert torch.equal(fr.magnitudes["0"], M)
     # brSF: |R| drawn afresh each step from the method's generator: regenerate it here
     br = methods.create("brsf", model, seed=7)
-    state = br.rng(W.device).get_state()
+    state = br.generator.on(W.device).get_state()
     x.grad = None
     br.step(x, y, F.cross_entropy)
     g = torch.Generator().manual_seed(0)
@@ -452,7 +452,7 @@ def test_fg_weight_single_sample_matches_its_closed_form():
     x, y = torch.randn(8, 3, dtype=DT), torch.randint(0, 2, (8,))
     ref = bp_grads(model, x, y)
     m = methods.create("fg-weight", model, seed=4)
-    state = m.rng(torch.device("cpu")).get_state()
+    state = m.generator.on(torch.device("cpu")).get_state()
     m.step(x, y, F.cross_entropy)
     gen = torch.Generator().manual_seed(0)
     gen.set_state(state)
@@ -496,7 +496,7 @@ def test_fg_activity_single_draw_matches_its_closed_form():
     model = two_layer()
     x, y = batch()
     m = methods.create("fg-activity", model, seed=2)
-    state = m.rng(torch.device("cpu")).get_state()
+    state = m.generator.on(torch.device("cpu")).get_state()
     m.step(x, y, F.cross_entropy)
     gen = torch.Generator().manual_seed(0)
     gen.set_state(state)

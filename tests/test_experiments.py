@@ -67,6 +67,12 @@ def run_quiet(name: str, out: Path, **kw):
     return experiment.run(experiment.find(name), "quick", out=out, progress=False, echo=lambda s: None, **kw)
 
 
+def run_spec(folder: Path, name: str, text: str, out: Path | None = None) -> dict:
+    """Write ``text`` as ``folder/experiments/name.toml`` and run its quick scale into ``out``."""
+    spec = experiment.load_spec(write_spec(folder, name, text))
+    return experiment.run(spec, "quick", out=out or folder, progress=False, echo=lambda s: None)
+
+
 @pytest.fixture
 def counted(monkeypatch):
     """Counts calls of the training loop's ``train`` and ``resume``."""
@@ -238,7 +244,7 @@ def test_unknown_experiment_and_scale_list_the_available_ones(tiny, capsys):
 
 
 def test_toy_with_eta_zero_keeps_every_cosine_at_c0(tmp_path):
-    spec = experiment.load_spec(write_spec(tmp_path, "toy", """
+    doc = run_spec(tmp_path, "toy", """
 title = "toy"
 kind = "toy"
 [toy]
@@ -250,8 +256,7 @@ n = 8
 o = 3
 [scales.quick]
 seeds = 2
-"""))
-    doc = experiment.run(spec, "quick", out=tmp_path, progress=False, echo=lambda s: None)
+""")
     assert [r["rule"] for r in doc["rows"]] == ["rescale", "alt1", "alt2", "cosine", "regress"]
     for row in doc["rows"]:
         for c0, (mean, std) in row["final_unit_cos"].items():
@@ -300,7 +305,7 @@ def test_exact_jacobian_of_a_linear_net_is_the_weight_product():
 
 
 def test_estimate_cosine_rises_with_the_number_of_samples_like_one_over_n(tmp_path):
-    spec = experiment.load_spec(write_spec(tmp_path, "est", """
+    doc = run_spec(tmp_path, "est", """
 title = "est"
 kind = "estimate"
 [estimate]
@@ -313,8 +318,7 @@ samples = [1, 4, 16, 64, 256]
 reference = 64
 [scales.quick]
 seeds = 3
-"""))
-    doc = experiment.run(spec, "quick", out=tmp_path, progress=False, echo=lambda s: None)
+""")
     for row in doc["rows"]:
         means = [m for m, _ in row["cos"]]
         assert all(a < b for a, b in zip(means, means[1:])), means
@@ -326,7 +330,7 @@ seeds = 3
 
 
 def test_bench_ratios_are_median_times_over_bps(tmp_path):
-    spec = experiment.load_spec(write_spec(tmp_path, "cost", """
+    doc = run_spec(tmp_path, "cost", """
 title = "cost"
 kind = "bench"
 [base]
@@ -342,8 +346,7 @@ warmup = 1
 memory = false
 [scales.quick]
 threads = 1
-"""))
-    doc = experiment.run(spec, "quick", out=tmp_path, progress=False, echo=lambda s: None)
+""")
     cells = {(c["width"], c["method"]): c for c in doc["rows"]}
     assert set(cells) == {(8, "bp"), (8, "dfa"), (16, "bp"), (16, "dfa")}
     for w in (8, 16):
@@ -373,7 +376,7 @@ def test_every_shipped_experiment_resolves_at_both_scales():
 def test_docs_page_holds_each_experiment_table_and_figures(tiny, tmp_path):
     results = tiny / "results"
     run_quiet("tiny", results)
-    spec = experiment.load_spec(write_spec(tiny, "toy", """
+    run_spec(tiny, "toy", """
 title = "Toy rules"
 kind = "toy"
 questions = ["Q5"]
@@ -382,8 +385,7 @@ published = "Figures 4 and 5"
 rules = ["cosine"]
 steps = 3
 [scales.quick]
-"""))
-    experiment.run(spec, "quick", out=results, progress=False, echo=lambda s: None)
+""", out=results)
     out = tmp_path / "site" / "results.md"
     out.parent.mkdir()
     (out.parent / "findings.md").write_text("GrAPE aligns.\n")

@@ -76,10 +76,6 @@ class DirectFeedback(Method):
         self._calibrate_next = False
 
     # -- pieces subclasses combine -------------------------------------------------------
-    def rng(self, device: torch.device) -> torch.Generator:
-        """The method's generator on ``device`` (created from ``seed`` or the loaded state)."""
-        return self.generator.on(device)
-
     def forward_cut(self, x: torch.Tensor) -> tuple[torch.Tensor, list[tuple[str, torch.Tensor]]]:
         """``(y, [(name, h_l), ...])`` from a forward pass with the graph cut at every point.
 
@@ -128,7 +124,7 @@ class DirectFeedback(Method):
             B = self.feedback.get(name)
             n = point_width(e, h)
             if B is None:
-                g = self.rng(h.device)
+                g = self.generator.on(h.device)
                 self.feedback[name] = init_feedback(
                     n, o, init=self.options.init, scale=self.options.scale, generator=g, device=h.device
                 )

@@ -68,13 +68,10 @@ class ForwardGradientWeight(Method):
             raise ValueError(f"method {self.name!r}: the model has no trainable parameters")
         self.generator = MethodGenerator(self.options.seed)
 
-    def rng(self, device: torch.device) -> torch.Generator:
-        return self.generator.on(device)
-
     def step(self, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) -> StepResult:
         check_batch(self.model, x, y)
         K = self.options.samples
-        g = self.rng(self.params[0][1].device)
+        g = self.generator.on(self.params[0][1].device)
         estimate = [torch.zeros_like(p) for _, p in self.params]
         loss0 = out0 = None
         for k in range(K):
@@ -148,7 +145,7 @@ class ForwardGradientActivity(DirectFeedback):
     def estimate(self, x: torch.Tensor, e: torch.Tensor) -> dict[str, torch.Tensor]:
         """``g_l`` (shaped like ``h_l``) for every point, from ``samples`` forward-mode draws."""
         K = self.options.samples
-        g = self.rng(x.device)
+        g = self.generator.on(x.device)
         groups: list[str | None] = [None] if self.options.points == "joint" else [n for n, _ in self.points]
         est: dict[str, torch.Tensor] = {}
         for _ in range(K):

@@ -126,7 +126,7 @@ class GrAPE(DirectFeedback):
     def estimate(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Fresh estimates ``J~_l`` (``(o, n_l)``) from the first ``samples`` inputs of ``x``."""
         xs = x[: self.options.samples]
-        g = self.rng(xs.device)
+        g = self.generator.on(xs.device)
         if self.options.perturb == "weight":
             if self._blocks is None:
                 self._blocks = block_parameters(self.model, xs, self.names)
@@ -164,7 +164,7 @@ class GrAPE(DirectFeedback):
             G = self.jacobian.mean[name].t()  # (n_l, o), a view
             B.copy_(update_feedback(  # in place: B_l keeps its storage from step to step
                 B, G, rule=o.rule, eta=o.eta, norm0=norm0, noise=o.noise, renorm=renorm,
-                generator=self.rng(B.device),
+                generator=self.generator.on(B.device),
             ))
 
     def forward_cut(self, x: torch.Tensor):
@@ -189,7 +189,7 @@ class GrAPE(DirectFeedback):
                 at = self._head_input[0] if self._head_input is not None else out
                 self._reference = at[: self.options.samples].detach()
             return out, records
-        g = self.rng(x.device)
+        g = self.generator.on(x.device)
         records: list[tuple[str, torch.Tensor]] = []
         tangents: dict[str, torch.Tensor] = {}
         at_head: list[torch.Tensor | None] = []

@@ -60,12 +60,9 @@ class SignSymmetry(LayerFeedback):
             for name, m in self.layers:
                 self.magnitudes[name] = self.draw(m.weight)
 
-    def rng(self, device: torch.device) -> torch.Generator:
-        return self.generator.on(device)
-
     def draw(self, weight: torch.Tensor) -> torch.Tensor:
         """``|R|`` with ``R ~ N(0, 1)``, shaped like ``weight``."""
-        r = torch.randn(weight.shape, generator=self.rng(weight.device), device=weight.device, dtype=weight.dtype)
+        r = torch.randn(weight.shape, generator=self.generator.on(weight.device), device=weight.device, dtype=weight.dtype)
         return r.abs_()
 
     def layer_scale(self, W: torch.Tensor) -> torch.Tensor | float:
