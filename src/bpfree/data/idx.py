@@ -20,12 +20,13 @@ from __future__ import annotations
 import gzip
 import os
 import struct
-import tempfile
 import zlib
 from pathlib import Path
 from typing import Union
 
 import numpy as np
+
+from ..atomic import atomic_write
 
 __all__ = ["DataError", "IdxFormatError", "read_idx", "write_idx"]
 
@@ -154,7 +155,7 @@ def write_idx(array, path: Union[str, os.PathLike]) -> Path:
     Args:
         array: anything ``np.asarray`` accepts, with 1 to 255 dimensions and a dtype among
             uint8, int8, int16, int32, float32, float64.
-        path: destination; written atomically (temporary file + ``os.replace``).
+        path: destination; written atomically (:func:`bpfree.atomic.atomic_write`).
 
     Returns:
         The path written.
@@ -179,15 +180,5 @@ def write_idx(array, path: Union[str, os.PathLike]) -> Path:
     path = Path(path)
     if path.name.endswith(".gz"):
         payload = gzip.compress(payload, mtime=0)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    atomic_write(path, lambda f: f.write(payload), suffix=".part")
     return path

@@ -46,6 +46,7 @@ import zlib
 from pathlib import Path
 from typing import BinaryIO, Callable, ContextManager, Iterator, Mapping, Optional, Sequence
 
+from ..atomic import atomic_write
 from .idx import DataError
 
 __all__ = [
@@ -72,10 +73,6 @@ URL_TIMEOUT = 60.0  # seconds without data before an HTTP request is abandoned
 TOOL_TIMEOUT = 900.0  # seconds for one npm / apt-get / dpkg-deb call
 STAMP_NAME = ".bpfree-verified.json"
 _CHUNK = 1 << 20
-# mkstemp creates files 0600; installed files get the usual 0666 minus the process umask.
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
-_FILE_MODE = 0o666 & ~_UMASK
 _GZIP_MAGIC = b"\x1f\x8b"
 
 Opener = Callable[[str, bool], Optional[ContextManager[BinaryIO]]]
@@ -143,29 +140,20 @@ def write_verified(reader: BinaryIO, dest: Path, origin: str, hashers: Sequence,
     (raising :class:`DataError` to reject) and only then does the file replace ``dest``. On any
     failure the temporary file is removed and ``dest`` is left as it was.
     """
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
     size = 0
-    done = False
-    try:
-        with os.fdopen(fd, "wb") as out:
-            try:
-                while chunk := reader.read(_CHUNK):
-                    for h in hashers:
-                        h.update(chunk)
-                    out.write(chunk)
-                    size += len(chunk)
-            except read_errors as e:
-                raise DataError(f"{origin}: cannot read {dest.name}: {e}") from e
-            out.flush()
-            os.fsync(out.fileno())
-            os.chmod(tmp, _FILE_MODE)
-        verify(size)
-        os.replace(tmp, dest)
-        done = True
-    finally:
-        if not done:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+
+    def copy(out: BinaryIO) -> None:
+        nonlocal size
+        try:
+            while chunk := reader.read(_CHUNK):
+                for h in hashers:
+                    h.update(chunk)
+                out.write(chunk)
+                size += len(chunk)
+        except read_errors as e:
+            raise DataError(f"{origin}: cannot read {dest.name}: {e}") from e
+
+    atomic_write(dest, copy, suffix=".part", check=lambda: verify(size))
 
 
 def install_stream(stream: BinaryIO, dest: Path, expected_sha256: str, origin: str) -> None:
@@ -306,16 +294,8 @@ class VerifiedCache:
         """Write the stamps atomically (only if they changed)."""
         if not self._dirty:
             return
-        fd, tmp = tempfile.mkstemp(prefix=f"{STAMP_NAME}.", suffix=".part", dir=self.root)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump({"version": 1, "files": self.entries}, f, indent=1, sort_keys=True)
-            os.chmod(tmp, _FILE_MODE)
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+        text = json.dumps({"version": 1, "files": self.entries}, indent=1, sort_keys=True)
+        atomic_write(self.path, lambda f: f.write(text.encode()), suffix=".part")
         self._dirty = False
 
 

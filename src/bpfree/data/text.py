@@ -65,6 +65,7 @@ from typing import Optional, Union
 import torch
 
 from . import sources as _src
+from ..atomic import atomic_write
 from .idx import DataError
 from .vision import default_data_dir
 
@@ -515,16 +516,5 @@ def load_text(
     corpus = Corpus(info.name, list(vocab), splits)
     _check_corpus(info, corpus)
     blob = {"format": CORPUS_FORMAT, "files": dict(info.files), "vocab": corpus.vocab, "splits": splits}
-    fd, tmp = tempfile.mkstemp(prefix=f".{CORPUS_FILE}.", suffix=".part", dir=root)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(blob, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, _src._FILE_MODE)
-        os.replace(tmp, cache)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    atomic_write(cache, lambda f: torch.save(blob, f), suffix=".part")
     return corpus
