@@ -98,7 +98,7 @@ def _spawn_if_asked(args) -> int | None:
 
     device = args.device or (cfgs[0].run.device if cfgs else None)
     try:
-        distributed.spawn(args.nproc, distributed._cli_worker, args.argv, device=device)
+        distributed.spawn(args.nproc, _worker, args.argv, device=device)
     except mp.ProcessExitedException as err:
         if err.exit_code is not None and err.exit_code > 0:
             return err.exit_code  # the process printed its own error
@@ -109,6 +109,15 @@ def _spawn_if_asked(args) -> int | None:
         print(f"bpfree: error: worker process {err.error_index} failed:\n{err}", file=sys.stderr)
         return 1
     return 0
+
+
+def _worker(argv: list[str]) -> None:
+    """What each process :func:`_spawn_if_asked` starts runs: this command line, in the group set up for it."""
+    rc = main(argv)  # joins the group already set up here (from_environment is a no-op then)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if rc:
+        raise SystemExit(rc)
 
 
 def _saved_device(run_dir: Path | None) -> str | None:

@@ -65,7 +65,6 @@ import contextlib
 import hashlib
 import os
 import socket
-import sys
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -375,13 +374,3 @@ def spawn(nproc: int, fn: Callable[..., Any], *args: Any, device: str | None = "
     if nproc < 1:
         raise DistributedError(f"--nproc must be at least 1, got {nproc}")
     torch.multiprocessing.spawn(_spawned, args=(nproc, free_port(), device, fn, args), nprocs=nproc, join=True)
-
-
-def _cli_worker(argv: list[str]) -> None:
-    from .cli import main
-
-    rc = main(argv)  # joins the group already set up here (from_environment is a no-op then)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    if rc:
-        raise SystemExit(rc)
