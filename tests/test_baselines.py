@@ -94,7 +94,7 @@ def test_fa_with_B_equal_to_W_is_backprop(kind):
     fa = methods.create("fa", model)
     assert len(fa.layers) == (3 if kind == "mlp" else 4)
     for name, m in fa.layers:
-        fa.backward[name] = m.weight.detach().clone()
+        fa.state.backward[name] = m.weight.detach().clone()
     xm = x.clone().requires_grad_()
     fa.step(xm, y, F.cross_entropy)
     for p, q in zip(model.parameters(), ref.parameters()):
@@ -114,7 +114,7 @@ def test_fa_gradients_match_the_formula():
     fa.step(x, y, F.cross_entropy)
     W1, b1, W2, b2 = model.parameters()
     h1, e = forward_by_hand(model, x, y)
-    B1, B2 = fa.backward["0"], fa.backward["2"]
+    B1, B2 = fa.state.backward["0"], fa.state.backward["2"]
     delta1 = (e @ B2) * (1 - h1**2)
     close(W2.grad, e.t() @ h1)
     close(b2.grad, e.sum(0))
@@ -130,15 +130,15 @@ def test_fa_backward_matrices_have_the_default_init_scale():
     model = nn.Sequential(nn.Linear(400, 300), nn.ReLU(), nn.Linear(300, 10))
     for init in ("uniform", "normal"):
         fa = methods.create("fa", model, init=init, scale=2.0)
-        B = fa.backward["0"]
+        B = fa.state.backward["0"]
         assert B.shape == (300, 400)
         # U(-a, a) with a = scale / sqrt(fan_in): variance a^2 / 3
         assert abs(B.var().item() / (4.0 / 400 / 3) - 1) < 0.03
         if init == "uniform":
             assert B.abs().max() <= 2.0 / math.sqrt(400)
     # a different seed gives a different B; the same seed the same
-    assert torch.equal(methods.create("fa", model).backward["2"], methods.create("fa", model).backward["2"])
-    assert not torch.equal(methods.create("fa", model, seed=1).backward["2"], methods.create("fa", model).backward["2"])
+    assert torch.equal(methods.create("fa", model).state.backward["2"], methods.create("fa", model).state.backward["2"])
+    assert not torch.equal(methods.create("fa", model, seed=1).state.backward["2"], methods.create("fa", model).state.backward["2"])
 
 
 def test_fa_restores_the_layers_when_the_forward_pass_fails():
@@ -203,16 +203,16 @@ def test_frsf_and_brsf_use_sign_of_W_times_random_magnitudes():
     # frSF: fixed |R|, the same at every step
     x, y = batch(o=3, grad=True)
     fr = methods.create("frsf", model)
-    M = fr.magnitudes["0"].clone()
+    M = fr.state.magnitudes["0"].clone()
     assert (M >= 0).all()
     fr.step(x, y, F.cross_entropy)
     out = x.detach() @ W.t() + model[0].bias.detach()
     e = (torch.softmax(out, 1) - F.one_hot(y, 3).to(DT)) / len(y)
     close(x.grad, e @ (torch.sign(W) * M * s))
-    assert torch.equal(fr.magnitudes["0"], M)
+    assert torch.equal(fr.state.magnitudes["0"], M)
     # brSF: |R| drawn afresh each step from the method's generator: regenerate it here
     br = methods.create("brsf", model, seed=7)
-    state = br.generator.on(W.device).get_state()
+    state = br.state.generator.on(W.device).get_state()
     x.grad = None
     br.step(x, y, F.cross_entropy)
     g = torch.Generator().manual_seed(0)
@@ -250,7 +250,7 @@ def test_drtp_matches_the_formula():
     model = two_layer()
     x, y = batch()
     m = methods.create("drtp", model)
-    m.feedback["2"] = B_HAND.clone()
+    m.state.feedback["2"] = B_HAND.clone()
     m.step(x, y, F.cross_entropy)
     W1, b1, W2, b2 = model.parameters()
     h1, e = forward_by_hand(model, x, y)
@@ -267,7 +267,7 @@ def test_drtp_creates_feedback_over_the_classes():
     x, y = batch(o=3)
     m = methods.create("drtp", model)
     m.step(x, y, F.cross_entropy)
-    assert m.feedback["2"].shape == (3, 3)
+    assert m.state.feedback["2"].shape == (3, 3)
 
 
 def test_drtp_needs_integer_class_labels():
@@ -289,7 +289,7 @@ def test_dkp_matches_the_formula():
     model = two_layer()
     x, y = batch()
     m = methods.create("dkp", model, eta=eta, weight_decay=wd)
-    m.feedback["2"] = B_HAND.clone()
+    m.state.feedback["2"] = B_HAND.clone()
     B = B_HAND.clone()
     W1, b1, W2, b2 = model.parameters()
     for _ in range(2):
@@ -301,7 +301,7 @@ def test_dkp_matches_the_formula():
         close(W1.grad, delta1.t() @ x)
         close(W2.grad, e.t() @ h1)
         B = B - eta * (h1.t() @ e + wd * B)
-        close(m.feedback["2"], B)
+        close(m.state.feedback["2"], B)
         with torch.no_grad():  # move the weights so the second step sees new h1, e
             for p in model.parameters():
                 p -= 0.5 * p.grad
@@ -312,9 +312,9 @@ def test_dkp_feedback_follows_the_transposed_head_update():
     model = two_layer()
     x, y = batch()
     m = methods.create("dkp", model, eta=1.0, weight_decay=0.0)
-    m.feedback["2"] = B_HAND.clone()
+    m.state.feedback["2"] = B_HAND.clone()
     m.step(x, y, F.cross_entropy)
-    close(m.feedback["2"], B_HAND - model[3].weight.grad.t())
+    close(m.state.feedback["2"], B_HAND - model[3].weight.grad.t())
 
 
 # ------------------------------------------------------------------------------------------
@@ -331,7 +331,7 @@ def test_pepita_matches_the_closed_form_on_two_layers():
     y = torch.randint(0, 3, (6,), generator=g)
     Fm = torch.randn(5, 3, generator=g, dtype=DT)  # a large F so that the passes differ visibly
     m = methods.create("pepita", model)
-    m.F = Fm.clone()
+    m.state.F = Fm.clone()
     res = m.step(x, y, F.cross_entropy)
     W1, b1, W2, b2 = (p.detach() for p in model.parameters())
     h1 = torch.tanh(x @ W1.t() + b1)
@@ -358,7 +358,7 @@ def test_pepita_matches_the_closed_form_with_one_conv_layer():
     y = torch.randint(0, 3, (4,), generator=g)
     Fm = torch.randn(64, 3, generator=g, dtype=DT) * 0.5
     m = methods.create("pepita", model)
-    m.F = Fm.clone()
+    m.state.F = Fm.clone()
     m.step(x, y, F.cross_entropy)
     Wc, bc, W2, b2 = (p.detach() for p in model.parameters())
     N = len(y)
@@ -388,7 +388,7 @@ def test_pepita_projection_scale():
     m = methods.create("pepita", model, f_scale=0.05)
     m.step(torch.randn(3, 100), torch.tensor([0, 1, 2]), F.cross_entropy)
     a = 0.05 * math.sqrt(6 / 100)
-    assert m.F.shape == (100, 4) and m.F.abs().max() <= a and m.F.abs().max() > 0.9 * a
+    assert m.state.F.shape == (100, 4) and m.state.F.abs().max() <= a and m.state.F.abs().max() > 0.9 * a
 
 
 @pytest.mark.parametrize("bad, match", [
@@ -452,7 +452,7 @@ def test_fg_weight_single_sample_matches_its_closed_form():
     x, y = torch.randn(8, 3, dtype=DT), torch.randint(0, 2, (8,))
     ref = bp_grads(model, x, y)
     m = methods.create("fg-weight", model, seed=4)
-    state = m.generator.on(torch.device("cpu")).get_state()
+    state = m.state.generator.on(torch.device("cpu")).get_state()
     m.step(x, y, F.cross_entropy)
     gen = torch.Generator().manual_seed(0)
     gen.set_state(state)
@@ -496,7 +496,7 @@ def test_fg_activity_single_draw_matches_its_closed_form():
     model = two_layer()
     x, y = batch()
     m = methods.create("fg-activity", model, seed=2)
-    state = m.generator.on(torch.device("cpu")).get_state()
+    state = m.state.generator.on(torch.device("cpu")).get_state()
     m.step(x, y, F.cross_entropy)
     gen = torch.Generator().manual_seed(0)
     gen.set_state(state)

@@ -254,8 +254,8 @@ def test_one_step_fills_a_finite_grad_for_every_parameter(name, method):
 def test_one_grape_step_without_batchnorm(name):
     model, m, _ = _step(name, "grape", batchnorm=False)
     _assert_all_grads_finite(model)
-    assert set(m.jacobian.mean) == {n for n, _ in feedback_points(model)}
-    for n, B in m.feedback.items():
+    assert set(m.state.jacobian.mean) == {n for n, _ in feedback_points(model)}
+    for n, B in m.state.feedback.items():
         assert B.shape == (math.prod(dict(zip([k for k, _ in feedback_points(model)], model.point_shapes))[n]), 10)
 
 
@@ -267,7 +267,7 @@ def test_grape_estimate_leaves_batchnorm_statistics_alone():
     grape = methods.create("grape", model, samples=4)
     x = torch.randn(8, 3, 32, 32)
     before = copy.deepcopy(model.state_dict())
-    estimates = grape.estimate(x)
+    estimates = grape.estimator(x.device).estimate(x, None)  # BatchNorm: the central difference
     assert set(estimates) == {n for n, _ in feedback_points(model)}
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key
@@ -293,7 +293,7 @@ def _resnet_dfa_grads(model, x, y, feedback):
     """Gradients of every parameter after one DFA step with the given ``B_l`` (others untouched)."""
     model.zero_grad(set_to_none=True)
     dfa = methods.create("dfa", model, seed=0)
-    dfa.feedback = {k: v.clone() for k, v in feedback.items()}
+    dfa.state.feedback = {k: v.clone() for k, v in feedback.items()}
     dfa.step(x, y, F.cross_entropy)
     return {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for n, p in model.named_parameters()}
 
@@ -317,7 +317,7 @@ def test_resnet_block_gradients_depend_only_on_their_own_point(shortcut):
     x, y = torch.randn(5, 3, 32, 32), torch.randint(0, 10, (5,))
     probe = methods.create("dfa", model, seed=0)
     probe.step(x, y, F.cross_entropy)  # creates every B_l
-    full_B = {k: v.clone() for k, v in probe.feedback.items()}
+    full_B = {k: v.clone() for k, v in probe.state.feedback.items()}
     names = [n for n, _ in feedback_points(model)]
     full = _resnet_dfa_grads(model, x, y, full_B)
     head = {n for n, _ in model.named_parameters() if n.startswith("head.")}
@@ -345,7 +345,9 @@ def test_resnet_dfa_cuts_the_graph_at_every_block_input():
     inputs = []
     hooks = [b.register_forward_pre_hook(lambda mod, args: inputs.append(args[0])) for _, b in _block_prefixes(model)]
     dfa = methods.create("dfa", model)
-    records = dfa.forward_cut(torch.randn(3, 3, 32, 32))[1]
+    records = []  # (name, h_l) as each point receives it, before the cut
+    hooks += [p.register_forward_hook(lambda mod, args, out, n=n: records.append((n, args[0]))) for n, p in dfa.points]
+    dfa.forward_cut(torch.randn(3, 3, 32, 32))
     for h in hooks:
         h.remove()
     assert inputs[0].requires_grad  # the stem output, part of block 0's segment

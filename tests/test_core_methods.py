@@ -37,7 +37,7 @@ def test_dfa_with_B_equal_to_J_transpose_gives_exactly_the_bp_gradients(act):
     expected = grads_of(model)
     model.zero_grad()
     dfa = bpfree.methods.create("dfa", model)
-    dfa.feedback = {"2": model[3].weight.detach().t().clone()}
+    dfa.state.feedback = {"2": model[3].weight.detach().t().clone()}
     result = dfa.step(x, y, F.cross_entropy)
     for e, p in zip(expected, model.parameters()):
         torch.testing.assert_close(p.grad, e, rtol=0, atol=1e-7)
@@ -51,7 +51,7 @@ def test_dfa_signal_is_B_e_and_accumulates_like_backward():
     dfa.step(x, y, F.cross_entropy)
     g1 = model[0].weight.grad.clone()
     # by hand: e = (softmax(y) - onehot)/batch; delta = (B e) * act'(a); dW1 = delta^T x
-    B = dfa.feedback["2"]
+    B = dfa.state.feedback["2"]
     a = model[0](x)
     e = (F.softmax(model(x), 1) - F.one_hot(y, 3)) / 4
     delta = (e @ B.t()) * (1 - torch.tanh(a) ** 2)
@@ -79,13 +79,13 @@ def test_feedback_matrix_shapes_and_initial_scale():
     model = bpfree.models.create("mlp", (30,), 10, widths=(400, 300))
     dfa = bpfree.methods.create("dfa", model)
     dfa.step(torch.randn(2, 30), torch.tensor([0, 1]), F.cross_entropy)
-    shapes = {n: tuple(B.shape) for n, B in dfa.feedback.items()}
+    shapes = {n: tuple(B.shape) for n, B in dfa.state.feedback.items()}
     assert shapes == {"3": (400, 10), "6": (300, 10)}
     # entries have variance scale^2 / o = 0.1
-    assert abs(dfa.feedback["3"].var().item() - 0.1) < 0.01
+    assert abs(dfa.state.feedback["3"].var().item() - 0.1) < 0.01
     u = bpfree.methods.create("dfa", model, init="uniform")
     u.step(torch.randn(2, 30), torch.tensor([0, 1]), F.cross_entropy)
-    B = u.feedback["3"]
+    B = u.state.feedback["3"]
     assert B.abs().max() <= math.sqrt(3 / 10) and abs(B.var().item() - 0.1) < 0.01
 
 
@@ -148,13 +148,13 @@ def test_grape_keeps_feedback_norms_over_training_steps(blobs):
     model = bpfree.models.create("mlp", (16,), 4, widths=(12, 12))
     grape = bpfree.methods.create("grape", model, eta=0.05)
     grape.step(x, y, F.cross_entropy)
-    norms = {n: float(B.norm()) for n, B in grape.feedback.items()}
+    norms = {n: float(B.norm()) for n, B in grape.state.feedback.items()}
     for _ in range(5):
         grape.step(x, y, F.cross_entropy)
-    for n, B in grape.feedback.items():
+    for n, B in grape.state.feedback.items():
         assert abs(float(B.norm()) - norms[n]) < 1e-4 * norms[n]
     # default every=4: steps 1 and 5 estimate and update
-    assert grape.steps == 6 and all(c == 2 for c in grape.jacobian.count.values())
+    assert grape.state.steps == 6 and all(c == 2 for c in grape.state.jacobian.count.values())
 
 
 def test_align_applies_the_rule_to_each_B_with_the_running_estimate(blobs):
@@ -164,16 +164,16 @@ def test_align_applies_the_rule_to_each_B_with_the_running_estimate(blobs):
     model = bpfree.models.create("mlp", (16,), 4, widths=(12, 12))
     grape = bpfree.methods.create("grape", model, rule="cosine", eta=0.3)
     grape.step(x, y, F.cross_entropy)
-    before = {n: B.clone() for n, B in grape.feedback.items()}
+    before = {n: B.clone() for n, B in grape.state.feedback.items()}
     g = torch.Generator().manual_seed(5)
-    est = {n: torch.randn(4, 12, generator=g) for n in grape.feedback}
-    count = dict(grape.jacobian.count)
-    mean = {n: grape.jacobian.mean[n] + (est[n] - grape.jacobian.mean[n]) / (count[n] + 1) for n in est}
+    est = {n: torch.randn(4, 12, generator=g) for n in grape.state.feedback}
+    count = dict(grape.state.jacobian.count)
+    mean = {n: grape.state.jacobian.mean[n] + (est[n] - grape.state.jacobian.mean[n]) / (count[n] + 1) for n in est}
     with torch.no_grad():
         grape.align(est)
-    for n, B in grape.feedback.items():
+    for n, B in grape.state.feedback.items():
         want = rules.update_feedback(before[n], mean[n].t().contiguous(), rule="cosine", eta=0.3,
-                                     norm0=grape.norm0[n])
+                                     norm0=grape.state.norm0[n])
         torch.testing.assert_close(B, want, rtol=1e-5, atol=1e-6)
         assert B.t().is_contiguous() and B.shape == (12, 4)
 
@@ -191,13 +191,13 @@ def test_state_dict_round_trip_reproduces_the_next_step(blobs):
     model.zero_grad()
     grape.step(x, y, F.cross_entropy)
     g_a = grads_of(model)
-    B_a = {n: B.clone() for n, B in grape.feedback.items()}
+    B_a = {n: B.clone() for n, B in grape.state.feedback.items()}
     model.zero_grad()
     twin.step(x, y, F.cross_entropy)
     for a, p in zip(g_a, model.parameters()):
         torch.testing.assert_close(p.grad, a, rtol=0, atol=0)
     for n in B_a:
-        torch.testing.assert_close(twin.feedback[n], B_a[n], rtol=0, atol=0)
+        torch.testing.assert_close(twin.state.feedback[n], B_a[n], rtol=0, atol=0)
 
 
 def test_errors_name_the_problem(blobs):

@@ -164,7 +164,7 @@ def test_grape_jacobian_estimate_is_the_mean_of_the_shard_estimates(ddp_runs, tm
         shard = Run(cfg, tmp_path / f"shard{rank}", progress=False)
         lo, hi = Workers(rank, WORLD).shard_range(len(x))
         shard.method.step(x[lo:hi], y[lo:hi], shard.task.loss_fn)
-        estimates.append(shard.method.jacobian.mean)
+        estimates.append(shard.method.state.jacobian.mean)
     expected = {k: sum(e[k] for e in estimates) / WORLD for k in estimates[0]}
     for rank in range(WORLD):
         got = final(ddp_runs, "grape-one-step", rank)["method"]["jacobian"]["mean"]

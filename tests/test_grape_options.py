@@ -29,8 +29,8 @@ def test_train_pass_estimator_leaves_the_dfa_gradients_unchanged():
     b = bpfree.methods.create("grape", model, eta=0.0, noise=0.0, estimator="train-pass")
     a.step(x, y, F.cross_entropy)
     b.step(x, y, F.cross_entropy)
-    b.feedback = {k: v.clone() for k, v in a.feedback.items()}
-    b.norm0 = dict(a.norm0)
+    b.state.feedback = {k: v.clone() for k, v in a.state.feedback.items()}
+    b.state.norm0 = dict(a.state.norm0)
     model.zero_grad()
     a.step(x, y, F.cross_entropy)
     expected = [p.grad.clone() for p in model.parameters()]
@@ -49,7 +49,7 @@ def test_estimator_variants_converge_to_the_exact_mean_jacobian(options):
     grape = bpfree.methods.create("grape", model, eta=0.0, samples=48, **options)
     for _ in range(150):
         grape.step(x, y, F.cross_entropy)  # no optimizer step: the Jacobian stays fixed
-    cos = {k: float(frobenius_cos(grape.jacobian.mean[k], exact[k])) for k in exact}
+    cos = {k: float(frobenius_cos(grape.state.jacobian.mean[k], exact[k])) for k in exact}
     threshold = 0.8 if options.get("average") == "ema" else 0.95  # ema keeps ~19 draws' worth
     assert min(cos.values()) > threshold, cos
 
@@ -157,7 +157,7 @@ def test_weight_perturbation_through_the_method():
     for _ in range(300):
         grape.step(x, y, F.cross_entropy)
     # the last hidden point's Jacobian is W_out for every sample: the weighted mean is exact there
-    assert float(frobenius_cos(grape.jacobian.mean["6"], exact["6"])) > 0.95
+    assert float(frobenius_cos(grape.state.jacobian.mean["6"], exact["6"])) > 0.95
 
 
 @pytest.mark.parametrize("method", ["dfa", "grape"])

@@ -64,7 +64,7 @@ def test_feedback_matrices_act_per_token(feedback, error_at):
     dfa = bpfree.methods.create("dfa", model)
     dfa.step(x, y, lm_loss)
     o = 16 if error_at == "hidden" else V
-    for name, B in dfa.feedback.items():
+    for name, B in dfa.state.feedback.items():
         n = 24 if name.endswith("act_point") else 16
         assert B.shape == (n, o), name
     for p in model.parameters():  # every parameter is reached by some signal
@@ -157,7 +157,7 @@ def test_one_block_dfa_with_B_equal_to_J_transpose_gives_the_bp_gradients(tied, 
     expected = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
     dfa = bpfree.methods.create("dfa", model)
-    dfa.feedback = {"blocks.0.point": torch.eye(16)}
+    dfa.state.feedback = {"blocks.0.point": torch.eye(16)}
     result = dfa.step(x, y, lm_loss)
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, expected[n], rtol=1e-5, atol=1e-7, msg=n)

@@ -69,21 +69,29 @@ def head_marker(model: nn.Module) -> Head | None:
     return heads[0] if heads else None
 
 
+def all_points(model: nn.Module) -> list[FeedbackPoint]:
+    """Every :class:`FeedbackPoint` of ``model``, the :class:`Head` included, in module order."""
+    return [m for m in model.modules() if isinstance(m, FeedbackPoint)]
+
+
 @contextlib.contextmanager
-def handled(model: nn.Module, handler: Handler | None) -> Iterator[None]:
+def handled(model: nn.Module, handler: Handler | None,
+            points: list[FeedbackPoint] | None = None) -> Iterator[None]:
     """Install ``handler`` on every feedback point (and the :class:`Head`) for the block.
 
-    The previous handlers are restored on exit, even when the forward pass raises.
+    ``points``: the model's :func:`all_points`, when the caller keeps them (saves a scan of the
+    module tree per pass). The previous handlers are restored on exit, even when the pass raises.
     """
-    points = [m for m in model.modules() if isinstance(m, FeedbackPoint)]
+    if points is None:
+        points = all_points(model)
     previous = [p.handler for p in points]
-    for p in points:
-        p.handler = handler
+    for p in points:  # a plain attribute: nn.Module.__setattr__'s checks are not needed
+        object.__setattr__(p, "handler", handler)
     try:
         yield
     finally:
         for p, h in zip(points, previous):
-            p.handler = h
+            object.__setattr__(p, "handler", h)
 
 
 # --------------------------------------------------------------------------------------------

@@ -32,32 +32,38 @@ def init_feedback(
     raise ValueError(f"unknown feedback init {init!r}; choose normal or uniform")
 
 
-def lead_dims(e: torch.Tensor, h: torch.Tensor) -> int:
+def _shape(t: torch.Tensor | torch.Size) -> torch.Size:
+    return t.shape if isinstance(t, torch.Tensor) else t
+
+
+def lead_dims(e: torch.Tensor | torch.Size, h: torch.Tensor | torch.Size) -> int:
     """Number of leading dimensions over which feedback is applied sample-wise.
 
     ``e`` is ``(batch, o)`` or, for sequence models, ``(batch, T, o)``. If ``h`` shares all of
     ``e``'s leading dimensions (``(batch, T, d)``), feedback acts per token and ``n_l = d``;
     otherwise ``h`` is flattened after the batch dimension and ``n_l = prod(h.shape[1:])``.
+    Either argument may be a tensor or just its shape.
     """
-    k = e.dim() - 1
-    if k > 1 and h.shape[:k] == e.shape[:k]:
+    e, h = _shape(e), _shape(h)
+    k = len(e) - 1
+    if k > 1 and h[:k] == e[:k]:
         return k
-    if h.shape[0] != e.shape[0]:
-        raise ValueError(f"feedback point tensor of shape {tuple(h.shape)} does not match the batch of the error {tuple(e.shape)}")
+    if h[0] != e[0]:
+        raise ValueError(f"feedback point tensor of shape {tuple(h)} does not match the batch of the error {tuple(e)}")
     return 1
 
 
-def point_width(e: torch.Tensor, h: torch.Tensor) -> int:
-    """``n_l``: the number of features at the point that ``B_l`` acts on."""
-    return math.prod(h.shape[lead_dims(e, h):])
+def point_width(e: torch.Tensor | torch.Size, h: torch.Tensor | torch.Size) -> int:
+    """``n_l``: the number of features at the point that ``B_l`` acts on (tensors or shapes)."""
+    return math.prod(_shape(h)[lead_dims(e, h):])
 
 
-def project(B: torch.Tensor, e: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """The DFA signal ``B e`` for every sample, shaped like ``h``.
+def project(B: torch.Tensor, e: torch.Tensor, h: torch.Tensor | torch.Size) -> torch.Tensor:
+    """The DFA signal ``B e`` for every sample, shaped like ``h`` (a tensor or its shape).
 
     ``B``: ``(n_l, o)``; ``e``: ``(batch, o)`` or ``(batch, T, o)``; result: ``h.shape``.
     """
-    return (e @ B.t()).reshape(h.shape)
+    return (e @ B.t()).reshape(_shape(h))
 
 
 def flat_features(t: torch.Tensor, lead: int) -> torch.Tensor:

@@ -3,20 +3,21 @@
 A :class:`Method` wraps a model. ``method.step(x, y, loss_fn)`` runs the forward pass, computes the
 loss and fills each parameter's ``.grad`` the way ``loss.backward()`` would under backpropagation
 (accumulating into existing gradients), so the caller's optimizer, scheduler, gradient clipping and
-mixed precision keep working unchanged. The method's own state (feedback matrices, estimates,
-random generators) lives in ``state_dict()`` and is checkpointed with the run.
+mixed precision keep working unchanged.
 
-Every subclass's ``step`` is wrapped once, when the class is defined (:meth:`Method.__init_subclass__`):
-the batch is checked first (:func:`check_batch`), and an error raised inside ``loss_fn`` (targets of
-the wrong shape, dtype or range for the output) becomes a ``ValueError`` that names the output and
-target shapes, instead of a bare error from deep inside torch.
+State, in the spirit of ``torch.optim``'s ``self.state``: whatever a method keeps from one step to
+the next (feedback matrices, estimates, counters, its random generator) lives in one declared
+mapping, ``method.state`` (a :class:`MethodState`), filled in ``__init__``. The base class saves it
+(``state_dict``), restores it (``load_state_dict``, onto the model's device) and moves it
+(:meth:`Method.to`); nothing of one step is kept anywhere else on the method.
+
+Every subclass's ``step`` is wrapped once, when the class is defined, by
+:func:`bpfree.methods.guards.guarded_step` (the batch is checked, loss errors name the shapes).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -24,8 +25,9 @@ import torch
 from torch import nn
 
 from .. import options as opts
+from .guards import LossFn, guarded_step
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+__all__ = ["LossFn", "Method", "MethodGenerator", "MethodState", "StepResult"]
 
 
 @dataclass
@@ -42,11 +44,91 @@ class StepResult:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
+class MethodGenerator:
+    """A method's own random generator, seeded with the method's ``seed`` option.
+
+    ``on(device)`` returns the generator, created on the device of first use (and afresh from the
+    seed when the device changes: CPU and CUDA generator states do not convert). ``state_dict`` /
+    ``load_state_dict`` carry its state through the method's state; a state set before first use
+    is applied then, so a resumed run draws what an uninterrupted one would.
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+        self._generator: torch.Generator | None = None
+        self._pending: torch.Tensor | None = None
+
+    def on(self, device: torch.device | str) -> torch.Generator:
+        g = self._generator
+        if g is None or g.device != torch.device(device):
+            g = torch.Generator(device=device)
+            g.manual_seed(self.seed)
+            if self._pending is not None:
+                g.set_state(self._pending)
+                self._pending = None
+            self._generator = g
+        return g
+
+    def state_dict(self) -> torch.Tensor | None:
+        """The current state, or the one waiting for first use; ``None`` if never used nor set."""
+        return self._generator.get_state() if self._generator is not None else self._pending
+
+    def load_state_dict(self, state: torch.Tensor | None) -> None:
+        """Apply ``state`` at the next :meth:`on` (``None``: start again from the seed)."""
+        self._generator, self._pending = None, None if state is None else state.cpu()
+
+    get_state, set_state = state_dict, load_state_dict
+
+
+class MethodState(dict):
+    """The declared state of a method: a ``dict`` whose entries also read as attributes.
+
+    Values are tensors, numbers, ``None``, dicts of those, or objects with ``state_dict`` /
+    ``load_state_dict`` (a :class:`MethodGenerator`, a running average). The set of names is fixed
+    when the method is built; ``state.feedback`` is ``state["feedback"]``.
+    """
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name not in self:
+            raise AttributeError(f"{name!r} is not a declared state entry (declared: {sorted(self)})")
+        self[name] = value
+
+
+def _saved(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return {k: _saved(v) for k, v in value.items()}
+    if hasattr(value, "state_dict"):
+        return _saved(value.state_dict())
+    return value
+
+
+def _moved(value: Any, device: torch.device) -> Any:
+    """``value`` with every tensor copied (moved) to ``device``; dicts rebuilt, the rest as is."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to(device, copy=True)
+    if isinstance(value, dict):
+        return {k: _moved(v, device) for k, v in value.items()}
+    return value
+
+
 class Method:
     """Base class of learning rules.
 
     Subclasses set ``name``, a one-line ``summary``, an ``Options`` dataclass (fields made with
-    :func:`bpfree.options.option`), and implement :meth:`step`.
+    :func:`bpfree.options.option`), declare their lasting state in ``self.state`` in ``__init__``,
+    and implement :meth:`step`.
+
+    Diagnostics (:mod:`bpfree.metrics.alignment`) ask every method the same three questions:
+    :meth:`probe_signals`, :meth:`feedback_matrices` and :meth:`jacobian_estimates`; a method
+    without feedback points answers with empty mappings.
     """
 
     name: ClassVar[str] = ""
@@ -62,7 +144,7 @@ class Method:
         super().__init_subclass__(**kwargs)
         step = cls.__dict__.get("step")
         if step is not None and not getattr(step, "_bpfree_guarded", False):
-            cls.step = _guarded(step)
+            cls.step = guarded_step(step)
 
     @dataclass
     class Options:
@@ -73,11 +155,13 @@ class Method:
             raise TypeError(f"method {self.name!r} needs an nn.Module, got {type(model).__name__}")
         self.model = model
         self.options = opts.build(self.Options, options, what=f"method {self.name!r}")
+        #: Everything the method keeps across steps (see the module docstring).
+        self.state = MethodState()
         #: Averages a tensor over data-parallel workers (identity on one process). Methods that
         #: keep batch statistics of their own (GrAPE's Jacobian estimates) pass them through it so
         #: their state stays identical on every worker; the training loop sets it under
         #: torch.distributed.
-        self.average_across_workers: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
+        self.average_across_workers = lambda t: t
 
     def step(self, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) -> StepResult:
         """Forward ``x``, compute ``loss_fn(output, y)``, fill ``.grad`` of the parameters."""
@@ -95,162 +179,69 @@ class Method:
         """
         return 1
 
-    def state_dict(self) -> dict[str, Any]:
+    # -- diagnostics protocol ------------------------------------------------------------------
+    def probe_signals(self, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) -> dict[str, torch.Tensor]:
+        """The signal this method sends to each feedback point for ``(x, y)``, by point name.
+
+        Fills ``.grad`` as a step would and leaves the method's state as it was (run it inside
+        :func:`bpfree.metrics.alignment.sandbox`). This default runs one step and restores the
+        state; it has no per-point signals.
+        """
+        saved = self.state_dict()
+        self.step(x, y, loss_fn)
+        self.load_state_dict(saved)
         return {}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state:
-            raise ValueError(f"method {self.name!r} has no state, but the checkpoint holds {sorted(state)}")
+    def feedback_matrices(self) -> dict[str, torch.Tensor]:
+        """``B_l`` (``(n_l, o)``) per feedback point, for methods that project an error."""
+        return {}
 
-    def option_dict(self) -> dict[str, Any]:
-        return opts.as_dict(self.options)
+    def jacobian_estimates(self) -> dict[str, torch.Tensor]:
+        """A running estimate ``Jbar_l`` (``(o, n_l)``) per point, for methods that keep one."""
+        return {}
+
+    # -- state ---------------------------------------------------------------------------------
+    def check_state(self, state: dict[str, Any]) -> None:
+        """Raise ``ValueError`` if ``state`` (as saved) does not fit this method's model."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """A copy of ``self.state``: tensors cloned, stateful objects as their ``state_dict()``."""
+        return {k: _saved(v) for k, v in self.state.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved, tensors onto the model's device.
+
+        Entries the checkpoint lacks keep their initial values; entries this method does not
+        declare are an error.
+        """
+        unknown = set(state) - set(self.state)
+        if unknown:
+            what = f"keeps {sorted(self.state)}" if self.state else "has no state"
+            raise ValueError(f"method {self.name!r} {what}, but the checkpoint holds {sorted(unknown)}")
+        self.check_state(state)
+        device = self._device()
+        for key, saved in state.items():
+            current = self.state[key]
+            if hasattr(current, "load_state_dict"):
+                current.load_state_dict(saved if isinstance(current, MethodGenerator) else _moved(saved, device))
+            else:
+                self.state[key] = _moved(saved, device)
+
+    def to(self, device: torch.device | str) -> "Method":
+        """Move every tensor of ``self.state`` to ``device`` (the model is moved by its owner)."""
+        device = torch.device(device)
+        for key, value in self.state.items():
+            if hasattr(value, "load_state_dict"):
+                if not isinstance(value, MethodGenerator):
+                    value.load_state_dict(_moved(value.state_dict(), device))
+            else:
+                self.state[key] = _moved(value, device)
+        return self
+
+    def _device(self) -> torch.device:
+        param = next(iter(self.model.parameters()), None)
+        return param.device if param is not None else torch.device("cpu")
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{f.name}={getattr(self.options, f.name)!r}" for f in dataclasses.fields(self.options))
         return f"{type(self).__name__}({fields})"
-
-
-class MethodGenerator:
-    """A method's own random generator, seeded with the method's ``seed`` option.
-
-    ``on(device)`` returns the generator, created on the device of first use (and afresh from the
-    seed when the device changes: CPU and CUDA generator states do not convert). ``get_state`` /
-    ``set_state`` carry its state through the method's ``state_dict``; a state set before first use
-    is applied then, so a resumed run draws what an uninterrupted one would.
-    """
-
-    def __init__(self, seed: int) -> None:
-        self.seed = seed
-        self._generator: torch.Generator | None = None
-        self._pending: torch.Tensor | None = None
-
-    def on(self, device: torch.device | str) -> torch.Generator:
-        if self._generator is None or self._generator.device != torch.device(device):
-            g = torch.Generator(device=device)
-            g.manual_seed(self.seed)
-            if self._pending is not None:
-                g.set_state(self._pending)
-                self._pending = None
-            self._generator = g
-        return self._generator
-
-    def get_state(self) -> torch.Tensor | None:
-        """The current state, or the one waiting for first use; ``None`` if never used nor set."""
-        return self._generator.get_state() if self._generator is not None else self._pending
-
-    def set_state(self, state: torch.Tensor | None) -> None:
-        """Apply ``state`` at the next :meth:`on` (``None``: start again from the seed)."""
-        self._generator, self._pending = None, state
-
-
-def check_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
-    """Errors that name the problem for batches the model cannot take."""
-    if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
-        raise TypeError(f"x and y must be tensors, got {type(x).__name__} and {type(y).__name__}")
-    if x.dim() == 0:
-        raise ValueError("x is a 0-d tensor: a batch needs a leading batch dimension")
-    if x.shape[0] == 0:
-        raise ValueError(f"empty batch: x has shape {tuple(x.shape)}")
-    if y.dim() == 0:
-        raise ValueError(f"y is a 0-d tensor: it needs one target per sample, a leading dimension of {x.shape[0]}")
-    if y.shape[0] != x.shape[0]:
-        raise ValueError(f"x holds {x.shape[0]} samples but y holds {y.shape[0]}")
-    for what, t in (("x", x), ("y", y)):
-        if t.is_complex():
-            raise ValueError(f"{what} is complex ({t.dtype}); bpfree trains on real-valued data")
-    param = next(iter(model.parameters()), None)
-    if param is not None and x.device != param.device:
-        raise ValueError(f"x is on device {x.device} but the model is on device {param.device}; move the batch with .to()")
-    if y.device != x.device:
-        raise ValueError(f"x is on device {x.device} but y is on device {y.device}; put both on the model's device")
-
-
-class BatchError(ValueError):
-    """A batch ``(x, y)`` the model or the loss cannot take; the message names shapes and dtypes.
-
-    Raised as :class:`BatchIndexError` or :class:`BatchRuntimeError` when torch raised an
-    ``IndexError`` or ``RuntimeError``, so code that caught those still does.
-    """
-
-
-class BatchIndexError(BatchError, IndexError):
-    pass
-
-
-class BatchRuntimeError(BatchError, RuntimeError):
-    pass
-
-
-def _batch_error(err: Exception, text: str) -> BatchError:
-    return (BatchIndexError if isinstance(err, IndexError) else BatchRuntimeError)(text)
-
-
-def _loss_error(err: Exception, out: Any, y: Any) -> BatchError:
-    shape = lambda t: f"{tuple(t.shape)} ({t.dtype})" if isinstance(t, torch.Tensor) else type(t).__name__
-    msg = str(err).strip().splitlines()[0].rstrip(".") if str(err).strip() else type(err).__name__
-    hint = ""
-    if isinstance(out, torch.Tensor) and isinstance(y, torch.Tensor) and out.dim() >= 1 and "out of bounds" in msg:
-        hint = f"; class labels must lie in [0, {out.shape[-1]})"
-    return _batch_error(err, f"the loss cannot take the model output {shape(out)} with targets {shape(y)}: {msg}{hint}")
-
-
-def checked_loss(loss_fn: LossFn) -> LossFn:
-    """``loss_fn`` whose errors about its arguments become a ``ValueError`` naming both shapes.
-
-    A ``RuntimeError`` or ``IndexError`` raised inside ``loss_fn`` (wrong target dtype, shape or
-    class range) is re-raised that way; out-of-memory errors pass through unchanged. (Class labels
-    out of range on a CUDA device trip a device-side assertion that no Python code can catch; the
-    training loop's tasks check their labels when they load.)
-    """
-    if getattr(loss_fn, "_bpfree_checked", False):
-        return loss_fn
-
-    @functools.wraps(loss_fn)
-    def checked(out, y, *args, **kwargs):
-        try:
-            return loss_fn(out, y, *args, **kwargs)
-        except (torch.OutOfMemoryError, BatchError):
-            raise
-        except (RuntimeError, IndexError) as err:
-            raise _loss_error(err, out, y) from err
-
-    checked._bpfree_checked = True
-    return checked
-
-
-def _guarded(step: Callable) -> Callable:
-    """``step`` with :func:`check_batch` first and ``loss_fn`` wrapped by :func:`checked_loss`.
-
-    An ``IndexError`` escaping the step (a dimension the input lacks) becomes a ``ValueError``
-    naming the input's shape.
-    """
-
-    @functools.wraps(step)
-    def guarded(self, x, y, loss_fn, *args, **kwargs):
-        check_batch(self.model, x, y)
-        try:
-            return step(self, x, y, checked_loss(loss_fn), *args, **kwargs)
-        except IndexError as err:
-            if isinstance(err, BatchError):
-                raise
-            raise _batch_error(err,
-                f"method {self.name!r} cannot take x of shape {tuple(x.shape)} ({x.dtype}) with y of shape "
-                f"{tuple(y.shape)}: {str(err).splitlines()[0] if str(err) else 'IndexError'}"
-            ) from err
-
-    guarded._bpfree_guarded = True
-    return guarded
-
-
-def forward_checked(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``model(x)``, turning shape errors from deep inside torch into one that names the input."""
-    try:
-        return model(x)
-    except (RuntimeError, IndexError) as err:
-        msg = str(err)
-        if (isinstance(err, IndexError) or "shape" in msg or "size" in msg or "mat1" in msg or "dimension" in msg
-                or "dtype" in msg):
-            raise (BatchIndexError if isinstance(err, IndexError) else BatchError)(
-                f"the model cannot take input of shape {tuple(x.shape)} (dtype {x.dtype}): {msg.splitlines()[0]}"
-            ) from err
-        raise

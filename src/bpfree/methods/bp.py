@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from . import register
-from .base import LossFn, Method, StepResult, check_batch, forward_checked
+from .base import LossFn, Method, StepResult
+from .guards import forward_checked
 
 
 @register
@@ -21,7 +22,6 @@ class BP(Method):
     summary = "end-to-end backpropagation (the reference)"
 
     def step(self, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) -> StepResult:
-        check_batch(self.model, x, y)
         out = forward_checked(self.model, x)
         loss = loss_fn(out, y)
         loss.backward()

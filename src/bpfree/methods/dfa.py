@@ -1,52 +1,154 @@
-"""Direct Feedback Alignment (Nøkland, 2016) and the machinery its family shares."""
+"""Direct Feedback Alignment (Nøkland, 2016) and the machinery its family shares.
+
+A direct-feedback step is a pipeline of plain values (DESIGN.md §5)::
+
+    record = forward_cut(x)          # y, every point's shape, where e is taken, estimator inputs
+    ensure_feedback(record)          # B_l (n_l, o) exists for every point
+    before_delivery(record, x)       # GrAPE: estimate J~_l and move B_l; DFA: nothing
+    source = signal_source(record, y)  # how a point's signal is made: B_l e (DRTP: B_l y*)
+    loss = loss_fn(record.output, y)
+    deliver(record, loss, source)    # ONE autograd call: e = dL/dy, the head, every block's B_l e
+    after_delivery(record)           # DKP: B_l's own update from (h_l, e)
+
+How one backward call delivers every signal: the forward pass cuts the graph at every point (the
+next block sees ``h_l`` detached) and, at each point, hangs a *relay* node on ``h_l``; the relays
+form a chain that starts at an *error tap* on the tensor where ``e`` is taken (``y``, or the input
+``z`` of a :class:`bpfree.Head`). ``loss.backward()`` then runs the head's backward as BP would;
+the tap receives ``e = dL/dy``, keeps it in the step's :class:`Delivery` and wakes the chain; relay
+``l`` hands block ``l`` its signal (``B_l e``) and wakes relay ``l - 1``. A relay is created after
+its block's forward operations and before the next block's, so autograd (which runs the most
+recently created ready node first) runs each block's whole backward between its relay and the
+next: every signal is made just before its block needs it and freed when the block is done, and
+the peak memory of a step is BP's. Nothing of a step is kept on the method.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import nn
 
-from ..feedback.matrices import init_feedback, point_width, project
+from ..feedback.matrices import init_feedback, point_width
 from ..options import OptionError, option
-from ..points import FeedbackPoint, Head, feedback_points, handled, head_marker
+from ..points import Head, all_points, feedback_points, handled, head_marker
 from . import register
-from .base import LossFn, Method, MethodGenerator, StepResult, check_batch, forward_checked
+from .base import LossFn, Method, MethodGenerator, StepResult
+from .guards import forward_checked
+
+#: ``source(name, e)``: the signal for point ``name`` given the output error ``e`` (any shape with
+#: ``h_l``'s number of elements; the relay reshapes it to ``h_l`` and casts it to ``h_l``'s dtype).
+SignalSource = Callable[[str, torch.Tensor], torch.Tensor]
 
 
-class _SignalRoot(torch.autograd.Function):
-    """A scalar root whose backward hands ``signal`` to ``h`` as its gradient.
+class Delivery:
+    """What passes between the error tap and the relays during one step's backward call.
 
-    ``_SignalRoot.apply(h, signal).backward()`` fills the same gradients as
-    ``torch.autograd.backward(h, signal)``, but the caller need not keep ``h`` or ``signal``
-    alive during the backward pass: the signal is let go once handed on, and ``h`` lives only as
-    long as the block's own saved tensors need it.
+    ``source``: makes each point's signal (set by :meth:`DirectFeedback.deliver`); ``error``:
+    ``e``, set by the tap; ``kept``: the signals by point name, when the pass was cut with
+    ``keep_signals`` (diagnostics).
+    """
+
+    __slots__ = ("source", "error", "kept")
+
+    def __init__(self, keep_signals: bool = False) -> None:
+        self.source: SignalSource | None = None
+        self.error: torch.Tensor | None = None
+        self.kept: dict[str, torch.Tensor] | None = {} if keep_signals else None
+
+
+class _ErrorTap(torch.autograd.Function):
+    """Identity on the tensor where ``e`` is taken; backward keeps ``e`` and wakes the relay chain."""
+
+    @staticmethod
+    def forward(ctx, at: torch.Tensor, chain: torch.Tensor | None, delivery: Delivery) -> torch.Tensor:
+        ctx.delivery, ctx.chained = delivery, chain is not None
+        return at.view_as(at)
+
+    @staticmethod
+    def backward(ctx, e: torch.Tensor):
+        ctx.delivery.error = e
+        return e, (e.new_empty(0) if ctx.chained else None), None
+
+
+class _SignalRelay(torch.autograd.Function):
+    """Hangs on ``h_l``; backward hands block ``l`` its signal and wakes the relay before it.
+
+    The forward output is an empty tensor (no memory); only shape and dtype of ``h_l`` are kept.
     """
 
     @staticmethod
-    def forward(ctx, h: torch.Tensor, signal: torch.Tensor) -> torch.Tensor:
-        ctx.signal = signal
-        return h.new_zeros(())
+    def forward(ctx, h: torch.Tensor, chain: torch.Tensor | None, delivery: Delivery, name: str) -> torch.Tensor:
+        ctx.delivery, ctx.name, ctx.shape, ctx.dtype = delivery, name, h.shape, h.dtype
+        ctx.chained = chain is not None
+        return h.new_empty(0)
 
     @staticmethod
-    def backward(ctx, _grad: torch.Tensor):
-        signal, ctx.signal = ctx.signal, None
-        return signal, None
+    def backward(ctx, trigger: torch.Tensor):
+        d = ctx.delivery
+        if torch.is_autocast_enabled(trigger.device.type):
+            with torch.autocast(trigger.device.type, enabled=False):  # the projection stays float32
+                signal = d.source(ctx.name, d.error)
+        else:
+            signal = d.source(ctx.name, d.error)
+        signal = signal.view(ctx.shape) if signal.dtype == ctx.dtype else signal.reshape(ctx.shape).to(ctx.dtype)
+        if d.kept is not None:
+            d.kept[ctx.name] = signal.detach()
+        return signal, (trigger if ctx.chained else None), None, None
+
+
+@dataclass
+class CutPass:
+    """The record of one forward pass with the graph cut at every feedback point.
+
+    ``output``: the model output ``y`` (``(batch, o)`` or ``(batch, T, o)``), in the head's graph;
+    ``error_at``: the tensor ``e`` is taken at (``y``, or the Head's input ``z``), so ``e`` has its
+    shape; ``shapes``: ``h_l.shape`` per point name, in forward order; ``delivery``: filled during
+    the backward call. Optional parts: ``activities`` (``h_l`` detached, for methods that set
+    ``keeps_activities``); ``tangents`` (``d_l`` per point) and ``output_tangent`` (``u`` at
+    ``error_at``) when the pass carried forward-mode tangents; ``estimator``: the method's Jacobian
+    estimator for this step, resolved once (GrAPE).
+    """
+
+    output: torch.Tensor
+    error_at: torch.Tensor
+    shapes: dict[str, torch.Size]
+    delivery: Delivery
+    activities: dict[str, torch.Tensor] | None = None
+    tangents: dict[str, torch.Tensor] | None = None
+    output_tangent: torch.Tensor | None = None
+    estimator: Any = None
+
+
+@dataclass
+class Estimator:
+    """A Jacobian estimator resolved for one step: ``estimate(x, record) -> {name: J~_l (o, n_l)}``.
+
+    ``draw``: when set, the training pass itself carries tangents ``d_l = draw(h_l)`` (forward-mode
+    AD) and ``estimate`` reads them from the record.
+    """
+
+    estimate: Callable[[torch.Tensor, CutPass], dict[str, torch.Tensor]]
+    draw: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 class DirectFeedback(Method):
     """Base of the direct-feedback family: cut the graph at every point, send each a signal.
 
-    Forward: each :class:`FeedbackPoint` remembers ``h_l`` and hands the next block ``h_l``
-    detached, so no input gradient is ever computed across blocks. After the forward pass the
-    output error ``e = dL/dy`` (``(batch, o)``) is computed, each point ``l`` receives the signal
-    :meth:`signal` (``B_l e`` for DFA), and one ``torch.autograd.backward`` call delivers
-    ``(y, e)`` and every ``(h_l, signal_l)``; inside each block ordinary autograd turns the signal
-    into weight gradients. The head (the block after the last point) thus receives its true
-    gradient. With a :class:`bpfree.Head` marker, ``e = dL/dz`` at the head's input instead, found by
-    backpropagating through the head alone (which also gives the head its gradients). ``B_l`` of shape ``(n_l, o)`` is created on the first step, seeded by ``seed``.
+    Forward: each :class:`FeedbackPoint` hands the next block ``h_l`` detached, so no input
+    gradient is ever computed across blocks. The output error ``e = dL/dy`` (``(batch, o)``) comes
+    out of the backward call itself, and point ``l`` receives :meth:`signal` (``B_l e`` for DFA);
+    inside each block ordinary autograd turns it into weight gradients. The head (the block after
+    the last point) receives its true gradient. With a :class:`bpfree.Head` marker, ``e = dL/dz`` at
+    the head's input instead. ``B_l`` of shape ``(n_l, o)`` is created on the first step, seeded by
+    ``seed``. See the module docstring for the step's pipeline.
     """
+
+    #: Methods whose update reads ``h_l`` after the delivery (DKP) keep it in the record.
+    keeps_activities = False
 
     @dataclass
     class Options:
@@ -62,7 +164,7 @@ class DirectFeedback(Method):
 
     def __init__(self, model: nn.Module, **options: Any) -> None:
         super().__init__(model, **options)
-        self.points: list[tuple[str, FeedbackPoint]] = feedback_points(model)
+        self.points = feedback_points(model)
         if not self.points:
             raise ValueError(
                 f"method {self.name!r} needs feedback points in the model, and it has none: "
@@ -70,111 +172,140 @@ class DirectFeedback(Method):
             )
         self.names = {id(p): n for n, p in self.points}
         self.head = head_marker(model)
-        self.feedback: dict[str, torch.Tensor] = {}
-        self.generator = MethodGenerator(self.options.seed)
-        self.steps = 0  # step() calls so far, calibration steps included
-        self._calibrate_next = False
+        self.markers = all_points(model)  # the points and the Head, for handled()
+        self.state.update(
+            feedback={},                    # B_l per point name, (n_l, o)
+            generator=MethodGenerator(self.options.seed),
+            steps=0,                        # step() calls so far, calibration steps included
+            calibrate_next=False,           # a BP step is due (calibrate_unit = epochs)
+        )
 
-    # -- pieces subclasses combine -------------------------------------------------------
-    def forward_cut(self, x: torch.Tensor) -> tuple[torch.Tensor, list[tuple[str, torch.Tensor]]]:
-        """``(y, [(name, h_l), ...])`` from a forward pass with the graph cut at every point.
+    # -- the step -----------------------------------------------------------------------------
+    def step(self, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) -> StepResult:
+        """A direct-feedback step, or a BP calibration step when one is due.
 
-        With a :class:`Head`, its input ``z`` is handed on as a fresh leaf that requires grad and is
-        kept in ``self._head_input`` for :meth:`output_error`.
+        Calibration (``calibrate_every = T``): steps ``T, 2T, ...`` (counting from 1) are BP steps,
+        or with ``calibrate_unit = "epochs"`` the first step after every ``T``-th epoch.
         """
-        records: list[tuple[str, torch.Tensor]] = []
-        self._head_input = None
+        self.state.steps += 1
+        if self.calibration_due():
+            return self.calibration_step(x, y, loss_fn)
+        record = self.forward_cut(x, estimator=self.estimator_for_step(x.device))
+        self.ensure_feedback(record)
+        self.before_delivery(record, x)
+        source = self.signal_source(record, y)
+        loss = loss_fn(record.output, y)
+        self.deliver(record, loss, source)
+        self.after_delivery(record)
+        return StepResult(loss.detach(), record.output.detach())
 
-        def cut(point: FeedbackPoint, h: torch.Tensor) -> torch.Tensor:
-            if isinstance(point, Head):
-                self._head_input = (h, h.detach().requires_grad_())
-                return self._head_input[1]
-            records.append((self.names[id(point)], h))
-            return h.detach()
+    def forward_cut(self, x: torch.Tensor, *, estimator: Estimator | None = None,
+                    keep_signals: bool = False) -> CutPass:
+        """One forward pass with the graph cut at every point, relays hung on every ``h_l``.
 
-        with handled(self.model, cut):
+        With ``estimator.draw`` the pass runs under forward-mode AD: every point hands the next
+        block ``h_l`` detached with tangent ``(incoming tangent) + d_l``, ``d_l = draw(h_l)``; the
+        primal keeps its graph for the delivery, and the record gets ``d_l`` and the tangent ``u``
+        at ``error_at`` (``u = sum_l J_l d_l``).
+        """
+        draw = estimator.draw if estimator is not None else None
+        delivery = Delivery(keep_signals)
+        shapes: dict[str, torch.Size] = {}
+        activities = {} if self.keeps_activities else None
+        tangents: dict[str, torch.Tensor] | None = {} if draw is not None else None
+        chain: list[torch.Tensor | None] = [None]  # the last relay's output
+        at_head: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+
+        def cut(point, h: torch.Tensor) -> torch.Tensor:
+            tangent = None
+            if draw is not None:
+                h, tangent = fwAD.unpack_dual(h)
+            if point is self.head:
+                at_head.append((h, tangent))
+                return _ErrorTap.apply(h, chain[0], delivery)
+            name = self.names[id(point)]
+            shapes[name] = h.shape
+            if activities is not None:
+                activities[name] = h.detach()
+            if h.requires_grad:
+                chain[0] = _SignalRelay.apply(h, chain[0], delivery, name)
+            if draw is None:
+                return h.detach()
+            d = tangents[name] = draw(h)
+            return fwAD.make_dual(h.detach(), d if tangent is None else tangent.detach() + d)
+
+        with handled(self.model, cut, self.markers), (fwAD.dual_level() if draw is not None else _nothing()):
             out = forward_checked(self.model, x)
-        return out, records
+            u = None
+            if draw is not None:
+                out, u = fwAD.unpack_dual(out)
+        if at_head:
+            error_at, u = at_head[0][0], at_head[0][1] if draw is not None else None
+        else:
+            error_at, out = out, _ErrorTap.apply(out, chain[0], delivery)
+        return CutPass(out, error_at, shapes, delivery, activities, tangents,
+                       None if u is None else u.detach(), estimator)
 
-    def output_error(self, out: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(loss, e)``: ``e = dL/dy`` shaped like ``out``, or ``dL/dz`` at the :class:`Head`.
-
-        Without a head no graph is built through the model; with one, the head is backpropagated
-        (filling its parameters' ``.grad``). :meth:`deliver` sends ``e`` to ``self._error_at``
-        (``y``, or ``z`` as the block before the head computed it).
-        """
-        if getattr(self, "_head_input", None) is not None:
-            z, leaf = self._head_input
-            self._head_input = None
-            loss = loss_fn(out, y)
-            loss.backward()
-            self._error_at = z
-            return loss.detach(), leaf.grad
-        self._error_at = out
-        leaf = out.detach().requires_grad_()
-        with torch.enable_grad():
-            loss = loss_fn(leaf, y)
-            (e,) = torch.autograd.grad(loss, leaf)
-        return loss.detach(), e
-
-    def ensure_feedback(self, records: list[tuple[str, torch.Tensor]], e: torch.Tensor) -> None:
-        """Create ``B_l`` (``(n_l, o)``) for points seen for the first time; move to ``e``'s device."""
-        o = e.shape[-1]
-        for name, h in records:
-            B = self.feedback.get(name)
-            n = point_width(e, h)
+    def ensure_feedback(self, record: CutPass) -> None:
+        """Create ``B_l`` (``(n_l, o)``) for points seen for the first time; check the others."""
+        like = self.projected(record)
+        o = like.shape[-1]
+        feedback = self.state.feedback
+        for name, shape in record.shapes.items():
+            B = feedback.get(name)
+            n = point_width(like, shape)
             if B is None:
-                g = self.generator.on(h.device)
-                self.feedback[name] = init_feedback(
-                    n, o, init=self.options.init, scale=self.options.scale, generator=g, device=h.device
-                )
-            else:
-                if B.shape != (n, o):
-                    raise ValueError(
-                        f"feedback point {name!r} carries {n} features for {o} outputs now, "
-                        f"but its feedback matrix is {tuple(B.shape)}"
-                    )
-                if B.device != h.device:
-                    self.feedback[name] = B.to(h.device)
+                feedback[name] = init_feedback(n, o, init=self.options.init, scale=self.options.scale,
+                                               generator=self.state.generator.on(like.device), device=like.device)
+            elif B.shape != (n, o):
+                raise ValueError(f"feedback point {name!r} carries {n} features for {o} outputs now, "
+                                 f"but its feedback matrix is {tuple(B.shape)}")
+            elif B.device != like.device:
+                feedback[name] = B.to(like.device)
 
-    def signal(self, name: str, e: torch.Tensor, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The learning signal sent to point ``name``: ``B_l e`` shaped like ``h``."""
-        return project(self.feedback[name], e.to(self.feedback[name].dtype), h).to(h.dtype)
+    def projected(self, record: CutPass) -> torch.Tensor:
+        """The tensor whose rows ``B_l`` projects (DFA: ``e``, shaped like ``record.error_at``)."""
+        return record.error_at
 
-    def deliver(self, e: torch.Tensor, records, y: torch.Tensor) -> None:
-        """Send ``(y, e)`` (or ``(z, e)``) and ``(h_l, signal_l)`` into the graph, last block first.
+    def estimator_for_step(self, device: torch.device) -> Estimator | None:
+        """A Jacobian estimator for this step (GrAPE on its update steps), or ``None``."""
+        return None
 
-        The blocks' graphs are disjoint (cut at every point), so one backward call per block gives
-        the same gradients as a single batched call. Block by block, each signal is made just
-        before its block's backward, and neither it nor ``h_l`` is held here while the block runs
-        (the entries of ``records`` are consumed; see :class:`_SignalRoot`), so every tensor is
-        freed as soon as autograd is done with it and peak memory stays at BP's.
-        """
-        target = self._error_at
-        self._error_at = None
-        if target.requires_grad:
-            torch.autograd.backward(target, e.to(target.dtype))
-        del target
-        while records:
-            name, h = records.pop()
-            if not h.requires_grad:
-                continue
-            root = _SignalRoot.apply(h, self.signal(name, e, h, y))
-            del h
-            root.backward()
+    def before_delivery(self, record: CutPass, x: torch.Tensor) -> None:
+        """Hook for methods that change ``B_l`` each step (GrAPE) before the signals go out."""
 
+    def after_delivery(self, record: CutPass) -> None:
+        """Hook for methods that update ``B_l`` from this step's ``h_l`` and ``e`` (DKP)."""
+
+    def signal_source(self, record: CutPass, y: torch.Tensor) -> SignalSource:
+        """``source(name, e)`` for this step: DFA's ``B_l e``, ``(batch, n_l)`` (per token:
+        ``(batch, T, n_l)``), computed in ``B_l``'s dtype (float32)."""
+        feedback = self.state.feedback
+
+        def projected_error(name: str, e: torch.Tensor) -> torch.Tensor:
+            B = feedback[name]
+            return (e if e.dtype == B.dtype else e.to(B.dtype)) @ B.t()
+        return projected_error
+
+    def deliver(self, record: CutPass, loss: torch.Tensor, source: SignalSource) -> None:
+        """The one backward call: ``e``, the head's gradients, and every block's signal from
+        ``source`` (see the module docstring)."""
+        record.delivery.source = source
+        loss.backward()
+
+    # -- calibration ----------------------------------------------------------------------------
     def calibration_due(self) -> bool:
         """Whether this step is a calibration step (``calibrate_every`` steps, or after epochs)."""
         T = self.options.calibrate_every
         if T and self.options.calibrate_unit == "steps":
-            return self.steps % T == 0
-        due, self._calibrate_next = self._calibrate_next, False
+            return self.state.steps % T == 0
+        due, self.state.calibrate_next = self.state.calibrate_next, False
         return due
 
     def on_epoch_end(self, epoch: int) -> None:
         T = self.options.calibrate_every
         if T and self.options.calibrate_unit == "epochs" and epoch % T == 0:
-            self._calibrate_next = True
+            self.state.calibrate_next = True
 
     def calibration_step(self, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) -> StepResult:
         """One ordinary BP step on this mini-batch: ``loss.backward()`` through every block."""
@@ -183,60 +314,37 @@ class DirectFeedback(Method):
         loss.backward()
         return StepResult(loss.detach(), out.detach(), {"calibration": 1.0})
 
-    def step(self, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) -> StepResult:
-        """A DFA-family step, or a BP calibration step when one is due.
-
-        Calibration (``calibrate_every = T``): steps ``T, 2T, ...`` (counting from 1) are BP steps,
-        or with ``calibrate_unit = "epochs"`` the first step after every ``T``-th epoch.
-        """
-        check_batch(self.model, x, y)
-        self.steps += 1
-        if self.calibration_due():
-            return self.calibration_step(x, y, loss_fn)
-        out, records = self.forward_cut(x)
-        loss, e = self.output_error(out, y, loss_fn)
-        self.ensure_feedback(records, e)
-        self.before_delivery(x, y, e, records)
-        self.deliver(e, records, y)
-        return StepResult(loss, out.detach(), self.step_metrics())
-
-    def before_delivery(self, x, y, e, records) -> None:
-        """Hook for subclasses that change ``B_l`` each step (GrAPE) before the signals go out."""
-
-    def step_metrics(self) -> dict[str, float]:
-        return {}
-
+    # -- diagnostics and state --------------------------------------------------------------------
     def probe_signals(self, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) -> dict[str, torch.Tensor]:
         """The signals this method sends to every point for ``(x, y)``, with the current ``B_l``.
 
         Also fills ``.grad`` as a step would, but changes none of the method's state (no feedback
         update, no step counted): for diagnostics, inside :func:`bpfree.metrics.alignment.sandbox`.
         """
-        out, records = self.forward_cut(x)
-        _, e = self.output_error(out, y, loss_fn)
-        if any(name not in self.feedback for name, _ in records):
+        record = DirectFeedback.forward_cut(self, x, keep_signals=True)
+        if any(name not in self.state.feedback for name in record.shapes):
             return {}
-        signals = {name: self.signal(name, e, h, y).detach() for name, h in records}
-        self.deliver(e, records, y)
-        return signals
+        source = self.signal_source(record, y)
+        self.deliver(record, loss_fn(record.output, y), source)
+        return record.delivery.kept
 
-    # -- state -----------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"feedback": {k: v.detach().clone() for k, v in self.feedback.items()},
-                                 "steps": self.steps, "calibrate_next": self._calibrate_next}
-        if (g := self.generator.get_state()) is not None:
-            state["generator"] = g
-        return state
+    def feedback_matrices(self) -> dict[str, torch.Tensor]:
+        return self.state.feedback
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        known = {n for n, _ in self.points}
-        unknown = set(state.get("feedback", {})) - known
+    def check_state(self, state: dict[str, Any]) -> None:
+        unknown = set(state.get("feedback", {})) - {n for n, _ in self.points}
         if unknown:
             raise ValueError(f"checkpoint holds feedback for points this model lacks: {sorted(unknown)}")
-        self.feedback = {k: v.clone() for k, v in state.get("feedback", {}).items()}
-        self.generator.set_state(state.get("generator"))
-        self.steps = int(state.get("steps", 0))
-        self._calibrate_next = bool(state.get("calibrate_next", False))
+
+
+class _nothing:
+    """A null context manager (cheaper to enter than ``contextlib.nullcontext`` on the hot path)."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
 
 
 @register

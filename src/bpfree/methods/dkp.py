@@ -9,8 +9,7 @@ import torch
 from ..feedback.matrices import flat_features, lead_dims
 from ..options import OptionError, option
 from . import register
-from .base import LossFn, StepResult
-from .dfa import DirectFeedback
+from .dfa import CutPass, DirectFeedback
 
 
 def dkp_update(B: torch.Tensor, h: torch.Tensor, e: torch.Tensor, eta: float, weight_decay: float) -> torch.Tensor:
@@ -66,23 +65,12 @@ class DKP(DirectFeedback):
             if self.weight_decay < 0:
                 raise OptionError(f"option 'weight_decay' must be non-negative, got {self.weight_decay}")
 
-    def before_delivery(self, x, y, e, records) -> None:
-        """Remember ``(h_l, e)`` of this step; :meth:`step` applies the rule after the delivery."""
-        super().before_delivery(x, y, e, records)
-        self._pending = ([(name, h.detach()) for name, h in records], e.detach())
+    keeps_activities = True
 
-    def step(self, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) -> StepResult:
-        """A DFA step with the current ``B_l``, then one DKP update of every ``B_l``.
-
-        (BP calibration steps, if enabled, leave ``B_l`` as it is.)
-        """
-        self._pending = None
-        result = super().step(x, y, loss_fn)
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            records, e = pending
-            o = self.options
-            with torch.no_grad():
-                for name, h in records:
-                    self.feedback[name] = dkp_update(self.feedback[name], h, e, o.eta, o.weight_decay)
-        return result
+    def after_delivery(self, record: CutPass) -> None:
+        """One DKP step of every ``B_l`` from this step's ``h_l`` and ``e`` (calibration steps leave
+        ``B_l`` as it is)."""
+        o, e, feedback = self.options, record.delivery.error, self.state.feedback
+        with torch.no_grad():
+            for name, h in record.activities.items():
+                feedback[name] = dkp_update(feedback[name], h, e, o.eta, o.weight_decay)

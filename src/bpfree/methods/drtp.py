@@ -7,8 +7,7 @@ import torch.nn.functional as F
 
 from ..feedback.matrices import project
 from . import register
-from .dfa import DirectFeedback
-from .base import LossFn
+from .dfa import CutPass, DirectFeedback, SignalSource
 
 
 def one_hot_targets(y: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -57,19 +56,12 @@ class DRTP(DirectFeedback):
     name = "drtp"
     summary = "direct random target projection: fixed random B_l y* (one-hot targets) at every point"
 
-    def output_error(self, out: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) -> tuple[torch.Tensor, torch.Tensor]:
-        """Check the labels and keep ``y* / N`` (``self._target``), then DFA's ``(loss, e)``."""
-        self._target = one_hot_targets(y, out)  # checked before anything is backpropagated
-        return super().output_error(out, y, loss_fn)
+    def projected(self, record: CutPass) -> torch.Tensor:
+        """``B_l`` projects the one-hot targets over the model output's ``o`` classes."""
+        return record.output
 
-    def ensure_feedback(self, records, e: torch.Tensor) -> None:
-        """``B_l`` of shape ``(n_l, o)`` with ``o`` the number of classes (the width of ``y*``)."""
-        super().ensure_feedback(records, self._target)
-
-    def signal(self, name: str, e: torch.Tensor, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """``B_l y* / N`` shaped like ``h`` (``y*`` from the labels ``y``; ``e`` is not used)."""
-        B = self.feedback[name]
-        target = getattr(self, "_target", None)
-        if target is None or target.shape[0] != h.shape[0]:
-            target = one_hot_targets(y, torch.empty(*y.shape, B.shape[1], dtype=B.dtype, device=B.device))
-        return project(B, target.to(B.dtype), h).to(h.dtype)
+    def signal_source(self, record: CutPass, y: torch.Tensor) -> SignalSource:
+        """``source(name, e) = B_l y* / N`` (``y*`` from the labels ``y``, checked once; ``e`` unused)."""
+        target = one_hot_targets(y, record.output)
+        feedback = self.state.feedback
+        return lambda name, e: project(feedback[name], target.to(feedback[name].dtype), (-1,))

@@ -43,7 +43,8 @@ from torch import nn
 
 from ..options import OptionError, option
 from . import register
-from .base import LossFn, Method, StepResult, check_batch, forward_checked
+from .base import LossFn, Method, MethodGenerator, StepResult
+from .guards import forward_checked
 
 #: Layers whose input gradient the family computes with ``B`` instead of ``W``.
 CONVERTED: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -228,16 +229,12 @@ class LayerFeedback(Method):
                     m.forward = previous
 
     def step(self, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) -> StepResult:
-        check_batch(self.model, x, y)
         self.begin_step()
         with self.converted():
             out = forward_checked(self.model, x)
         loss = loss_fn(out, y)
         loss.backward()
-        return StepResult(loss.detach(), out.detach(), self.step_metrics())
-
-    def step_metrics(self) -> dict[str, Any]:
-        return {}
+        return StepResult(loss.detach(), out.detach())
 
 
 def random_like_init(weight: torch.Tensor, *, init: str, scale: float, generator: torch.Generator) -> torch.Tensor:
@@ -255,12 +252,6 @@ def random_like_init(weight: torch.Tensor, *, init: str, scale: float, generator
         r = torch.randn(weight.shape, generator=generator, device=weight.device, dtype=weight.dtype)
         return r.mul_(a / math.sqrt(3.0))
     raise ValueError(f"unknown init {init!r}; choose uniform or normal")
-
-
-def method_generator(seed: int, device: torch.device) -> torch.Generator:
-    g = torch.Generator(device=device)
-    g.manual_seed(seed)
-    return g
 
 
 @register
@@ -296,32 +287,25 @@ class FA(LayerFeedback):
 
     def __init__(self, model: nn.Module, **options: Any) -> None:
         super().__init__(model, **options)
-        self.backward: dict[str, torch.Tensor] = {}
-        gens: dict[torch.device, torch.Generator] = {}
-        for name, m in self.layers:
-            dev = m.weight.device
-            g = gens.setdefault(dev, method_generator(self.options.seed, dev))
-            with torch.no_grad():
-                self.backward[name] = random_like_init(m.weight, init=self.options.init,
-                                                       scale=self.options.scale, generator=g)
+        seeded = MethodGenerator(self.options.seed)  # B is drawn once, here: not part of the state
+        with torch.no_grad():
+            self.state.update(backward={  # B per converted layer, shaped like its weight
+                name: random_like_init(m.weight, init=self.options.init, scale=self.options.scale,
+                                       generator=seeded.on(m.weight.device))
+                for name, m in self.layers})
 
     def backward_weight(self, name: str, module: nn.Module) -> torch.Tensor:
-        B = self.backward[name]
+        B = self.state.backward[name]
         if B.shape != module.weight.shape:
             raise ValueError(f"the backward matrix of layer {name!r} is {tuple(B.shape)}, "
                              f"but its weight is {tuple(module.weight.shape)}")
         if B.device != module.weight.device or B.dtype != module.weight.dtype:
-            B = self.backward[name] = B.to(module.weight.device, module.weight.dtype)
+            B = self.state.backward[name] = B.to(module.weight.device, module.weight.dtype)
         return B
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"backward": {k: v.detach().clone() for k, v in self.backward.items()}}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        saved = state.get("backward", {})
-        names = {n for n, _ in self.layers}
+    def check_state(self, state: dict[str, Any]) -> None:
+        saved, names = state.get("backward", {}), {n for n, _ in self.layers}
         if set(saved) != names:
             raise ValueError(
                 f"checkpoint holds backward matrices for layers {sorted(saved)}, this model has {sorted(names)}"
             )
-        self.backward = {k: v.clone() for k, v in saved.items()}

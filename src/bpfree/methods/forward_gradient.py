@@ -24,7 +24,8 @@ from ..feedback.estimators import preserved_buffers
 from ..options import OptionError, option
 from ..points import FeedbackPoint, Head, handled
 from . import register
-from .base import LossFn, Method, MethodGenerator, StepResult, check_batch, forward_checked
+from .base import LossFn, Method, MethodGenerator, StepResult
+from .guards import forward_checked
 from .dfa import DirectFeedback
 
 
@@ -66,12 +67,11 @@ class ForwardGradientWeight(Method):
         self.params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not self.params:
             raise ValueError(f"method {self.name!r}: the model has no trainable parameters")
-        self.generator = MethodGenerator(self.options.seed)
+        self.state.update(generator=MethodGenerator(self.options.seed))
 
     def step(self, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) -> StepResult:
-        check_batch(self.model, x, y)
         K = self.options.samples
-        g = self.generator.on(self.params[0][1].device)
+        g = self.state.generator.on(self.params[0][1].device)
         estimate = [torch.zeros_like(p) for _, p in self.params]
         loss0 = out0 = None
         for k in range(K):
@@ -95,16 +95,6 @@ class ForwardGradientWeight(Method):
         for (_, p), est in zip(self.params, estimate):
             p.grad = est if p.grad is None else p.grad + est
         return StepResult(loss0, out0, {})
-
-    def state_dict(self) -> dict[str, Any]:
-        g = self.generator.get_state()
-        return {} if g is None else {"generator": g}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        unknown = set(state) - {"generator"}
-        if unknown:
-            raise ValueError(f"method {self.name!r} keeps only its generator, but the checkpoint holds {sorted(unknown)}")
-        self.generator.set_state(state.get("generator"))
 
 
 @register
@@ -145,7 +135,7 @@ class ForwardGradientActivity(DirectFeedback):
     def estimate(self, x: torch.Tensor, e: torch.Tensor) -> dict[str, torch.Tensor]:
         """``g_l`` (shaped like ``h_l``) for every point, from ``samples`` forward-mode draws."""
         K = self.options.samples
-        g = self.generator.on(x.device)
+        g = self.state.generator.on(x.device)
         groups: list[str | None] = [None] if self.options.points == "joint" else [n for n, _ in self.points]
         est: dict[str, torch.Tensor] = {}
         for _ in range(K):
@@ -165,7 +155,7 @@ class ForwardGradientActivity(DirectFeedback):
                     primal, tangent = fwAD.unpack_dual(h)
                     return fwAD.make_dual(primal, d if tangent is None else tangent + d)
 
-                with torch.no_grad(), fwAD.dual_level(), handled(self.model, inject), preserved_buffers(self.model):
+                with torch.no_grad(), fwAD.dual_level(), handled(self.model, inject, self.markers), preserved_buffers(self.model):
                     out = forward_checked(self.model, x)
                     u = at_head[0] if at_head else fwAD.unpack_dual(out).tangent
                     u = None if u is None else u.clone()
@@ -179,16 +169,15 @@ class ForwardGradientActivity(DirectFeedback):
         return est
 
     def step(self, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) -> StepResult:
-        check_batch(self.model, x, y)
-        self.steps += 1
-        out, records = self.forward_cut(x)
-        loss, e = self.output_error(out, y, loss_fn)
-        self._estimates = self.estimate(x, e)
-        try:
-            self.deliver(e, records, y)
-        finally:
-            self._estimates = None
-        return StepResult(loss, out.detach(), {})
+        """Cut forward; ``e`` by backpropagating the loss through the head alone; the estimates
+        ``g_l``; then one backward call that gives the head its gradients and each block its ``g_l``."""
+        self.state.steps += 1
+        record = self.forward_cut(x)
+        loss = loss_fn(record.output, y)
+        (e,) = torch.autograd.grad(loss, record.error_at, retain_graph=True)
+        estimates = self.estimate(x, e)
+        self.deliver(record, loss, lambda name, e: estimates[name])
+        return StepResult(loss.detach(), record.output.detach())
 
     def on_epoch_end(self, epoch: int) -> None:
         """Nothing to do: fg-activity has no BP calibration."""
@@ -196,23 +185,15 @@ class ForwardGradientActivity(DirectFeedback):
     def probe_signals(self, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) -> dict[str, torch.Tensor]:
         """One step's estimates ``g_l`` per point for ``(x, y)`` (and the ``.grad`` they give).
 
-        The method's generator is put back afterwards, so training continues as if unprobed.
+        The method's state (its generator) is put back afterwards, so training continues as if unprobed.
         """
-        saved = self.generator.get_state()
+        saved = self.state_dict()
         try:
-            out, records = self.forward_cut(x)
-            _, e = self.output_error(out, y, loss_fn)
-            self._estimates = self.estimate(x, e)
-            signals = {name: self.signal(name, e, h, y).detach() for name, h in records}
-            self.deliver(e, records, y)
+            record = self.forward_cut(x, keep_signals=True)
+            loss = loss_fn(record.output, y)
+            (e,) = torch.autograd.grad(loss, record.error_at, retain_graph=True)
+            estimates = self.estimate(x, e)
+            self.deliver(record, loss, lambda name, e: estimates[name])
         finally:
-            self._estimates = None
-            self.generator.set_state(saved)
-        return signals
-
-    def signal(self, name: str, e: torch.Tensor, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The activity-gradient estimate ``g_l`` of the current step, shaped like ``h``."""
-        est = getattr(self, "_estimates", None)
-        if est is None or name not in est:
-            raise RuntimeError(f"method 'fg-activity' has no estimate for point {name!r} outside step()")
-        return est[name].reshape(h.shape).to(h.dtype)
+            self.load_state_dict(saved)
+        return record.delivery.kept

@@ -8,8 +8,6 @@ from typing import Any
 import torch
 from torch import nn
 
-import torch.autograd.forward_ad as fwAD
-
 from ..feedback.estimators import (
     RunningJacobian,
     block_parameters,
@@ -20,13 +18,10 @@ from ..feedback.estimators import (
     sample_jacobians,
     weight_perturbation_jacobians,
 )
-from ..feedback.matrices import frobenius_cos
-from ..points import FeedbackPoint, Head, handled
 from ..feedback.rules import RENORMS, RULES, update_feedback
 from ..options import OptionError, option
 from . import register
-from .base import forward_checked
-from .dfa import DirectFeedback
+from .dfa import CutPass, DirectFeedback, Estimator
 
 
 @register
@@ -44,8 +39,11 @@ class GrAPE(DirectFeedback):
        (:mod:`bpfree.feedback.rules`);
     4. deliver the DFA signal ``B_l e`` as :class:`DFA` does.
 
-    The training forward pass stays pure DFA (graph cut at every point); the estimate runs on its
-    own, without autograd, on a sub-batch, and leaves buffers (BatchNorm statistics) untouched.
+    In the step's pipeline (:mod:`bpfree.methods.dfa`) that is :meth:`estimator_for_step` (the
+    options resolved once into one estimator), the cut forward pass, :meth:`before_delivery`
+    (estimate, then :meth:`align`) and the delivery. The training forward pass stays pure DFA
+    (graph cut at every point); the default estimate runs on its own, without autograd, on a
+    sub-batch, and leaves buffers (BatchNorm statistics) untouched.
     """
 
     name = "grape"
@@ -97,12 +95,19 @@ class GrAPE(DirectFeedback):
 
     def __init__(self, model: nn.Module, **options: Any) -> None:
         super().__init__(model, **options)
-        self.jacobian = RunningJacobian(self.options.average, self.options.beta)
-        self.norm0: dict[str, float] = {}
-        self._pending: dict[str, torch.Tensor] | None = None
-        self._blocks: dict[str, list[str]] | None = None
-        self._reference: torch.Tensor | None = None
-        self._scheme: str | None = None  # tangent_scheme() of the current update step
+        self.state.update(
+            jacobian=RunningJacobian(self.options.average, self.options.beta),  # Jbar_l per point, (o, n_l)
+            norm0={},  # |B_l|_F at the first update, the target of renormalisation
+        )
+        self._blocks: dict[str, list[str]] | None = None  # weight perturbation: each block's parameters
+
+    @property
+    def period(self) -> int:
+        return self.options.every
+
+    def update_due(self) -> bool:
+        """Whether this step (``state.steps``, counted from 1) updates the estimate and ``B``."""
+        return (self.state.steps - 1) % self.options.every == 0
 
     def tangent_scheme(self, device: torch.device) -> str:
         """The scheme ``tangents`` stands for now: ``auto`` resolved (see the option's text)."""
@@ -115,128 +120,72 @@ class GrAPE(DirectFeedback):
             return "forward"  # differences of reduced-precision outputs would be noise
         return "onesided" if per_sample_forward(self.model) else "central"
 
-    @property
-    def period(self) -> int:
-        return self.options.every
+    def estimator_for_step(self, device: torch.device) -> Estimator | None:
+        """The step's :meth:`estimator` on update steps (every ``every``-th), else ``None``."""
+        return self.estimator(device) if self.update_due() else None
 
-    def update_due(self) -> bool:
-        """Whether this step (``self.steps``, counted from 1) updates the estimate and ``B``."""
-        return (self.steps - 1) % self.options.every == 0
+    def estimator(self, device: torch.device) -> Estimator:
+        """The estimator of ``J~_l`` (``(o, n_l)``) the options ask for, resolved once per update step.
 
-    def estimate(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Fresh estimates ``J~_l`` (``(o, n_l)``) from the first ``samples`` inputs of ``x``."""
-        xs = x[: self.options.samples]
-        g = self.generator.on(xs.device)
-        if self.options.perturb == "weight":
-            if self._blocks is None:
-                self._blocks = block_parameters(self.model, xs, self.names)
-            return weight_perturbation_jacobians(self.model, xs, self.names, self._blocks, g)
-        scheme, self._scheme = self._scheme or self.tangent_scheme(xs.device), None
+        ``subbatch``: a pass of its own over the first ``samples`` inputs (forward-mode AD, a central
+        difference, or a one-sided difference against the training pass's rows of ``error_at``);
+        ``train-pass``: tangents ride along the training forward pass over the whole batch;
+        ``perturb=weight``: one forward-mode pass per block with tangents on its weights.
+        """
+        o, model, names, k = self.options, self.model, self.names, self.options.samples
+        g = self.state.generator.on(device)
+        if o.perturb == "weight":
+            def weight(x: torch.Tensor, record: CutPass) -> dict[str, torch.Tensor]:
+                if self._blocks is None:
+                    self._blocks = block_parameters(model, x[:k], names)
+                return weight_perturbation_jacobians(model, x[:k], names, self._blocks, g)
+            return Estimator(weight)
+        if o.estimator == "train-pass":
+            def draw(h: torch.Tensor) -> torch.Tensor:
+                return torch.randn(h.shape, generator=g, device=h.device, dtype=h.dtype)
+
+            def carried(x: torch.Tensor, record: CutPass) -> dict[str, torch.Tensor]:
+                u = record.output_tangent
+                return {} if u is None else {name: outer_mean(u, d) for name, d in record.tangents.items()}
+            return Estimator(carried, draw)
+        scheme = self.tangent_scheme(device)
         if scheme == "central":
-            return central_difference_jacobians(self.model, xs, self.names, g, self.options.fd_step)
+            return Estimator(lambda x, record: central_difference_jacobians(model, x[:k], names, g, o.fd_step))
         if scheme == "onesided":
-            if self._reference is None:
-                raise RuntimeError("tangents=onesided needs the training pass's output for the sub-batch, and "
-                                   "there is none: call estimate() from step(), outside autocast")
-            reference, self._reference = self._reference, None
-            return onesided_difference_jacobians(self.model, xs, self.names, g, reference, self.options.fd_step)
-        if self.options.points == "joint":
-            return sample_jacobians(self.model, xs, self.names, g)
-        out: dict[str, torch.Tensor] = {}
-        for name, _ in self.points:
-            out.update(sample_jacobians(self.model, xs, self.names, g, only=name))
-        return out
+            if torch.is_autocast_enabled(device.type):
+                raise RuntimeError("tangents=onesided compares float32 outputs; under autocast (amp) use "
+                                   "tangents=central or forward")
+            return Estimator(lambda x, record: onesided_difference_jacobians(
+                model, x[:k], names, g, record.error_at[:k].detach(), o.fd_step))
+        if o.points == "joint":
+            return Estimator(lambda x, record: sample_jacobians(model, x[:k], names, g))
+        return Estimator(lambda x, record: {name: sample_jacobians(model, x[:k], names, g, only=name)[name]
+                                            for name, _ in self.points})
+
+    def before_delivery(self, record: CutPass, x: torch.Tensor) -> None:
+        """On update steps: ``J~_l`` from the step's estimator, then :meth:`align`."""
+        if record.estimator is not None:
+            self.align(record.estimator.estimate(x, record))
 
     def align(self, estimates: dict[str, torch.Tensor]) -> None:
         """Fold ``estimates`` (averaged over data-parallel workers) into ``Jbar``; move every ``B_l``."""
-        self.jacobian.update({k: self.average_across_workers(v) for k, v in estimates.items()})
+        jacobian, feedback, norm0 = self.state.jacobian, self.state.feedback, self.state.norm0
+        jacobian.update({k: self.average_across_workers(v) for k, v in estimates.items()})
         o = self.options
         renorm = None if o.renorm == "auto" else o.renorm
         for name in estimates:
-            B = self.feedback[name]
+            B = feedback[name]
             if not B.t().is_contiguous():
                 # B_l (n_l, o) is stored in the memory layout of Jbar_l^T (o rows of n_l), so the
                 # rules' elementwise ops and row sums see two tensors of one layout, with no copy
-                B = self.feedback[name] = B.t().contiguous().t()
-            if name not in self.norm0:
-                self.norm0[name] = float(B.norm())
-            norm0 = self.norm0[name]
-            G = self.jacobian.mean[name].t()  # (n_l, o), a view
+                B = feedback[name] = B.t().contiguous().t()
+            if name not in norm0:
+                norm0[name] = float(B.norm())
+            G = jacobian.mean[name].t()  # (n_l, o), a view
             B.copy_(update_feedback(  # in place: B_l keeps its storage from step to step
-                B, G, rule=o.rule, eta=o.eta, norm0=norm0, noise=o.noise, renorm=renorm,
-                generator=self.generator.on(B.device),
+                B, G, rule=o.rule, eta=o.eta, norm0=norm0[name], noise=o.noise, renorm=renorm,
+                generator=self.state.generator.on(B.device),
             ))
 
-    def forward_cut(self, x: torch.Tensor):
-        """DFA's cut forward pass; with ``estimator="train-pass"`` it also carries tangents.
-
-        On an update step under ``tangents=onesided`` it keeps the output (or the Head's input) of
-        the first ``samples`` rows, detached, as the reference :meth:`estimate` differences against.
-        Train-pass: inside one ``dual_level`` every point hands the next block its ``h_l`` detached
-        with tangent ``(incoming tangent) + d_l``, ``d_l ~ N(0, I)``; the primal keeps its autograd
-        graph for the DFA backward, and the output tangent ``u`` gives ``J~_l = mean_i u_i d_{l,i}^T``
-        over the whole batch, kept for :meth:`before_delivery`.
-        """
-        self._pending = None
-        self._reference = None
-        self._scheme = self.tangent_scheme(x.device) if self.update_due() else None
-        if self.options.estimator != "train-pass" or not self.update_due():
-            out, records = super().forward_cut(x)
-            if self._scheme == "onesided":
-                if torch.is_autocast_enabled(x.device.type):
-                    raise RuntimeError("tangents=onesided compares float32 outputs; under autocast (amp) use "
-                                       "tangents=central or forward")
-                at = self._head_input[0] if self._head_input is not None else out
-                self._reference = at[: self.options.samples].detach()
-            return out, records
-        g = self.generator.on(x.device)
-        records: list[tuple[str, torch.Tensor]] = []
-        tangents: dict[str, torch.Tensor] = {}
-        at_head: list[torch.Tensor | None] = []
-        self._head_input = None
-
-        def cut(point: FeedbackPoint, h: torch.Tensor) -> torch.Tensor:
-            primal, tangent = fwAD.unpack_dual(h)
-            if isinstance(point, Head):
-                at_head.append(tangent)
-                self._head_input = (primal, primal.detach().requires_grad_())
-                return self._head_input[1]
-            name = self.names[id(point)]
-            records.append((name, primal))
-            d = torch.randn(primal.shape, generator=g, device=primal.device, dtype=primal.dtype)
-            tangents[name] = d
-            return fwAD.make_dual(primal.detach(), d if tangent is None else tangent.detach() + d)
-
-        with fwAD.dual_level(), handled(self.model, cut):
-            out, u = fwAD.unpack_dual(forward_checked(self.model, x))
-            if at_head:
-                u = at_head[0]
-        if u is not None:
-            u = u.detach()
-            self._pending = {name: outer_mean(u, d) for name, d in tangents.items()}
-        return out, records
-
-    def before_delivery(self, x, y, e, records) -> None:
-        if self._pending is not None:
-            self.align(self._pending)
-            self._pending = None
-        elif self.options.estimator == "subbatch" and self.update_due():
-            self.align(self.estimate(x))
-
-    def alignment(self) -> dict[str, torch.Tensor]:
-        """Frobenius cosine of each ``B_l`` with the running estimate ``Jbar_l^T``."""
-        return {
-            name: frobenius_cos(B, self.jacobian.mean[name].t())
-            for name, B in self.feedback.items()
-            if name in self.jacobian.mean
-        }
-
-    def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        state.update(jacobian=self.jacobian.state_dict(), norm0=dict(self.norm0))
-        return state
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.jacobian.load_state_dict(state["jacobian"])
-        self.norm0 = dict(state["norm0"])
+    def jacobian_estimates(self) -> dict[str, torch.Tensor]:
+        return self.state.jacobian.mean

@@ -16,8 +16,7 @@ from torch import nn
 from ..options import OptionError, option
 from ..points import NONLINEARITIES, FeedbackPoint
 from . import register
-from .base import LossFn, Method, StepResult, check_batch
-from .fa import method_generator
+from .base import LossFn, Method, MethodGenerator, StepResult
 
 #: Layers PEPITA updates.
 LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
@@ -112,7 +111,7 @@ class PEPITA(Method):
     def __init__(self, model: nn.Module, **options: Any) -> None:
         super().__init__(model, **options)
         self.pre, self.stages, self.tail = self._parse(model)
-        self.F: torch.Tensor | None = None
+        self.state.update(F=None)  # the input projection F (d, o), drawn on first use
 
     # -- the model as PEPITA sees it -----------------------------------------------------------
     def _parse(self, model: nn.Module) -> tuple[list[nn.Module], list[_Layer], list[nn.Module]]:
@@ -159,17 +158,18 @@ class PEPITA(Method):
     def projection(self, x: torch.Tensor, o: int) -> torch.Tensor:
         """``F``: ``(d, o)`` with ``d = prod(x.shape[1:])``, created on first use."""
         d = math.prod(x.shape[1:])
-        if self.F is None:
+        F = self.state.F
+        if F is None:
             a = self.options.f_scale * math.sqrt(6.0 / d)
-            g = method_generator(self.options.seed, x.device)
+            g = MethodGenerator(self.options.seed).on(x.device)
             dtype = x.dtype if x.is_floating_point() else torch.float32
-            self.F = (torch.rand(d, o, generator=g, device=x.device, dtype=dtype) * 2 - 1) * a
-        elif self.F.shape != (d, o):
-            raise ValueError(f"method 'pepita': F is {tuple(self.F.shape)} but the batch has {d} input "
+            F = self.state.F = (torch.rand(d, o, generator=g, device=x.device, dtype=dtype) * 2 - 1) * a
+        elif F.shape != (d, o):
+            raise ValueError(f"method 'pepita': F is {tuple(F.shape)} but the batch has {d} input "
                              f"features and the model {o} outputs")
-        if self.F.device != x.device:
-            self.F = self.F.to(x.device)
-        return self.F
+        if F.device != x.device:
+            F = self.state.F = F.to(x.device)
+        return F
 
     def passes(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
         """``(layer inputs, activities h_l, output of the last layer)`` of one pass without autograd."""
@@ -183,7 +183,6 @@ class PEPITA(Method):
         return inputs, acts, acts[-1]
 
     def step(self, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) -> StepResult:
-        check_batch(self.model, x, y)
         if not x.is_floating_point():
             raise ValueError(f"method 'pepita' adds F e to the input and needs floating-point inputs, got {x.dtype}")
         try:
@@ -217,12 +216,3 @@ class PEPITA(Method):
             grads.append(e.to(outs[-1].dtype))
             torch.autograd.backward(outs, grads)
         return StepResult(loss.detach(), out.detach(), {})
-
-    def state_dict(self) -> dict[str, Any]:
-        return {} if self.F is None else {"F": self.F.clone()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        unknown = set(state) - {"F"}
-        if unknown:
-            raise ValueError(f"method 'pepita' keeps only F, but the checkpoint holds {sorted(unknown)}")
-        self.F = state["F"].clone() if "F" in state else None

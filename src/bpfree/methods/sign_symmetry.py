@@ -54,15 +54,13 @@ class SignSymmetry(LayerFeedback):
 
     def __init__(self, model: nn.Module, **options: Any) -> None:
         super().__init__(model, **options)
-        self.generator = MethodGenerator(self.options.seed)
-        self.magnitudes: dict[str, torch.Tensor] = {}
-        if self.magnitude == "fixed":
-            for name, m in self.layers:
-                self.magnitudes[name] = self.draw(m.weight)
+        self.state.update(generator=MethodGenerator(self.options.seed))
+        if self.magnitude == "fixed":  # |R| per layer, drawn once
+            self.state.update(magnitudes={name: self.draw(m.weight) for name, m in self.layers})
 
     def draw(self, weight: torch.Tensor) -> torch.Tensor:
         """``|R|`` with ``R ~ N(0, 1)``, shaped like ``weight``."""
-        r = torch.randn(weight.shape, generator=self.generator.on(weight.device), device=weight.device, dtype=weight.dtype)
+        r = torch.randn(weight.shape, generator=self.state.generator.on(weight.device), device=weight.device, dtype=weight.dtype)
         return r.abs_()
 
     def layer_scale(self, W: torch.Tensor) -> torch.Tensor | float:
@@ -79,28 +77,17 @@ class SignSymmetry(LayerFeedback):
         if self.magnitude == "batchwise":
             B = B * self.draw(W)
         elif self.magnitude == "fixed":
-            M = self.magnitudes[name]
+            M = self.state.magnitudes[name]
             if M.device != W.device or M.dtype != W.dtype:
-                M = self.magnitudes[name] = M.to(W.device, W.dtype)
+                M = self.state.magnitudes[name] = M.to(W.device, W.dtype)
             B = B * M
         return B
 
-    def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {}
-        if self.magnitudes:
-            state["magnitudes"] = {k: v.clone() for k, v in self.magnitudes.items()}
-        if (g := self.generator.get_state()) is not None:
-            state["generator"] = g
-        return state
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if self.magnitude == "fixed":
-            saved = state.get("magnitudes", {})
-            names = {n for n, _ in self.layers}
-            if set(saved) != names:
-                raise ValueError(f"checkpoint holds magnitudes for layers {sorted(saved)}, this model has {sorted(names)}")
-            self.magnitudes = {k: v.clone() for k, v in saved.items()}
-        self.generator.set_state(state.get("generator"))
+    def check_state(self, state: dict[str, Any]) -> None:
+        names = {n for n, _ in self.layers}
+        if "magnitudes" in state and set(state["magnitudes"]) != names:
+            raise ValueError(f"checkpoint holds magnitudes for layers {sorted(state['magnitudes'])}, "
+                             f"this model has {sorted(names)}")
 
 
 @register

@@ -21,7 +21,6 @@ streams, the method's state and the optimizer are as they were before the measur
 from __future__ import annotations
 
 import contextlib
-import copy
 from collections.abc import Iterator
 
 import torch
@@ -65,14 +64,8 @@ class Diagnostics:
 
     def method_gradients(self) -> tuple[dict[str, torch.Tensor], list[torch.Tensor | None]]:
         """The method's signals per point (if it has any) and its weight gradients on the probe."""
-        m, model = self.method, self.method.model
-        if hasattr(m, "probe_signals"):
-            signals = m.probe_signals(self.x, self.y, self.loss_fn)
-        else:  # any other method: one step on a copy of its state, then the state is put back
-            state = copy.deepcopy(m.state_dict())
-            m.step(self.x, self.y, self.loss_fn)
-            m.load_state_dict(state)
-            signals = {}
+        model = self.method.model
+        signals = self.method.probe_signals(self.x, self.y, self.loss_fn)
         return signals, [None if p.grad is None else p.grad.detach().clone() for p in model.parameters()]
 
     def measure(self) -> dict[str, float]:
@@ -88,11 +81,11 @@ class Diagnostics:
             out[f"weight_grad_cos/{i}"] = 0.0 if g is None else _cos(g, b)
         for name, s in signals.items():
             out[f"signal_cos/{name}"] = _cos(s, bp_sig[name])
-        feedback = getattr(self.method, "feedback", None)
+        feedback = self.method.feedback_matrices()
         if feedback and next(iter(feedback.values())).shape[1] <= self.max_outputs:
             with sandbox(model):
                 exact = mean_jacobians(model, self.x)
-            running = getattr(getattr(self.method, "jacobian", None), "mean", {})
+            running = self.method.jacobian_estimates()
             for name, B in feedback.items():
                 G = exact[name].t().to(B.dtype)
                 out[f"b_jacobian_cos/{name}"] = float(frobenius_cos(B, G))
