@@ -24,7 +24,7 @@ import pytest
 import torch
 
 import conftest  # noqa: F401  (registers blobs-test)
-from bpfree.train import loop
+from bpfree.train import rundir
 from bpfree.train.config import resolve
 from bpfree.train.loop import Run, TrainingError, resume, train
 
@@ -121,8 +121,8 @@ def test_sigkill_again_and_again_during_resume(tmp_path):
 
 
 def test_too_little_free_space_fails_before_training(tmp_path, monkeypatch):
-    real = loop.shutil.disk_usage
-    monkeypatch.setattr(loop.shutil, "disk_usage", lambda p: real(p)._replace(free=4 * 2**20))
+    real = rundir.shutil.disk_usage
+    monkeypatch.setattr(rundir.shutil, "disk_usage", lambda p: real(p)._replace(free=4 * 2**20))
     with pytest.raises(TrainingError, match=r"not enough free space .* only 4\.0 MB"):
         train(cfg(method="bp"), tmp_path / "run", progress=False)
     assert not (tmp_path / "run" / "config.toml").exists()
@@ -140,7 +140,7 @@ def test_disk_full_mid_run_keeps_the_previous_checkpoint_and_resumes_exactly(tmp
     c = cfg(method="dfa", checkpoint_every=3)
     full = Run(c, tmp_path / "full", progress=False)
     full.fit()
-    real, calls = loop.save_torch, [0]
+    real, calls = rundir.save_torch, [0]
 
     def save(obj, path):
         calls[0] += 1
@@ -148,10 +148,10 @@ def test_disk_full_mid_run_keeps_the_previous_checkpoint_and_resumes_exactly(tmp
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         return real(obj, path)
 
-    monkeypatch.setattr(loop, "save_torch", save)
+    monkeypatch.setattr(rundir, "save_torch", save)
     with pytest.raises(TrainingError, match="cannot write the checkpoint .*No space left on device.*previous checkpoint is intact"):
         train(c, tmp_path / "part", progress=False)
-    monkeypatch.setattr(loop, "save_torch", real)
+    monkeypatch.setattr(rundir, "save_torch", real)
     assert torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=False)["state"]["global_step"] == 6
     resume(tmp_path / "part", progress=False)
     assert_bit_identical(weights(tmp_path / "part"), weights(tmp_path / "full"))

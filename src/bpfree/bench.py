@@ -31,7 +31,7 @@ import torch
 
 from . import methods, models, tasks
 from .train.config import RunConfig, resolve
-from .train.loop import make_optimizer, resolve_device
+from .train.setup import make_optimizer, resolve_device
 
 
 @dataclass

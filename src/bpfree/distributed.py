@@ -65,6 +65,7 @@ import contextlib
 import hashlib
 import os
 import socket
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -117,14 +118,20 @@ class Workers:
                 f"processes; choose a multiple of {self.world}"
             )
 
-    def check_last_batch(self, samples: int, batch_size: int) -> None:
-        """Refuse a dataset whose last batch would leave some rank without a sample."""
-        last = samples % batch_size
-        if self.active and 0 < last < self.world:
+    def check_last_batch(self, last: int) -> None:
+        """Refuse an epoch whose last batch (of ``last`` samples) would leave some rank without a sample."""
+        if self.active and last < self.world:
             raise DistributedError(
-                f"the last batch of each epoch holds {last} sample(s) ({samples} samples, batch_size {batch_size}), "
-                f"fewer than the {self.world} processes: some would get none. Change limit_train or batch_size"
+                f"the last batch of each epoch holds {last} sample(s), fewer than the {self.world} processes: "
+                f"some would get none. Change limit_train or batch_size"
             )
+
+    def cuda_device(self) -> torch.device:
+        """``cuda:LOCAL_RANK``, this process's own GPU; refused when the machine has too few."""
+        if self.local_rank >= torch.cuda.device_count():
+            raise DistributedError(f"process LOCAL_RANK={self.local_rank} has no GPU of its own: this machine has "
+                                   f"{torch.cuda.device_count()}; start at most that many processes per machine")
+        return torch.device("cuda", self.local_rank)
 
     def shard_range(self, n: int) -> tuple[int, int]:
         """``[start, stop)`` of this rank's slice of a batch of ``n`` (sizes differ by at most one)."""
@@ -247,6 +254,48 @@ class Workers:
         if self.active:
             dist.barrier()
 
+    # -- the training step ----------------------------------------------------------------------
+    def check_same_grads(self, params: Iterable[torch.Tensor], method: str) -> None:
+        """Refuse a method that fills ``.grad`` of different parameters on different ranks."""
+        params = list(params)
+        if not self.active or not params:
+            return
+        mask = torch.tensor([float(p.grad is not None) for p in params], device=params[0].device)
+        self.all_reduce_weighted([mask], 1.0)
+        if bool(((mask != 0) & (mask != self.world)).any()):
+            raise DistributedError(
+                f"method {method!r} filled .grad of different parameters on different processes; "
+                f"data parallel training needs the same set on every rank"
+            )
+
+    def reduce_gradients(self, model: torch.nn.Module, weight: float) -> None:
+        """``.grad`` and floating buffers of ``model`` become the batch-share-weighted sums over ranks."""
+        tensors = [p.grad for p in model.parameters() if p.grad is not None]
+        tensors += [b for b in model.buffers() if b.is_floating_point()]
+        self.all_reduce_weighted(tensors, weight)
+
+    def sync_state(self, method: Any, device: torch.device | str, *, warn: bool = False) -> bool:
+        """Make ``method``'s state rank 0's if it differs anywhere (one fingerprint gather); whether it differed.
+
+        ``warn``: say so (rank 0, as a ``RuntimeWarning``): a method whose state should agree keeps
+        batch statistics it does not pass through ``average_across_workers``.
+        """
+        if not self.active:
+            return False
+        sums = self.gather_tensor(state_checksum(method.state_dict()).to(device))
+        if all(bool(s == sums[0]) for s in sums):
+            return False
+        if warn and self.is_root:
+            warnings.warn(
+                f"method {method.name!r} keeps state that differs across the {self.world} processes (batch "
+                f"statistics not passed through average_across_workers); rank 0's state is broadcast at every "
+                f"checkpoint and after uneven batches", RuntimeWarning,
+            )
+        state = self.broadcast(method.state_dict() if self.is_root else None)
+        if not self.is_root:
+            method.load_state_dict(to_device(state, device))
+        return True
+
 
 def to_device(obj: Any, device: torch.device | str) -> Any:
     """``obj`` (nested dicts, lists, tuples) with every tensor moved to ``device``.
@@ -337,10 +386,7 @@ def from_environment(device: str | None = None) -> Iterator[Workers]:
     local_rank = int(os.environ.get("LOCAL_RANK", os.environ["RANK"]))
     chosen = backend(device)
     if "nccl" in chosen:
-        if local_rank >= torch.cuda.device_count():
-            raise DistributedError(f"process LOCAL_RANK={local_rank} has no GPU: this machine has "
-                                   f"{torch.cuda.device_count()}; start at most that many processes per machine")
-        torch.cuda.set_device(local_rank)
+        torch.cuda.set_device(Workers(int(os.environ["RANK"]), world, local_rank).cuda_device())
     dist.init_process_group(backend=chosen, init_method="env://")
     try:
         yield Workers.current()
