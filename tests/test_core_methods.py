@@ -283,3 +283,104 @@ def test_method_generator_draws_from_its_seed_and_resumes_from_a_saved_state():
     torch.testing.assert_close(torch.randn(4, generator=b.on("cpu")), second, rtol=0, atol=0)
     a.set_state(None)  # back to the seed
     torch.testing.assert_close(torch.randn(4, generator=a.on("cpu")), first, rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------- the step's data flow
+
+
+def _count_backward_calls(monkeypatch):
+    """Count the autograd engine's backward/grad entries (every ``backward()`` and ``autograd.grad``)."""
+    import torch.autograd as autograd_pkg
+
+    calls = []
+    real = autograd_pkg._engine_run_backward
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(autograd_pkg, "_engine_run_backward", counting)
+    return calls
+
+
+@pytest.mark.parametrize("method", ["bp", "dfa", "grape", "drtp", "dkp"])
+@pytest.mark.parametrize("head", [False, True])
+def test_a_direct_feedback_step_is_one_backward_call_like_bp(method, head, monkeypatch):
+    # e = dL/dy, the head's gradients and every block's signal all come out of loss.backward();
+    # with a Head marker too (e = dL/dz there). GrAPE's estimate runs without autograd.
+    torch.manual_seed(0)
+    layers = [nn.Linear(6, 8), nn.Tanh(), bpfree.FeedbackPoint(), nn.Linear(8, 8), nn.Tanh(),
+              bpfree.FeedbackPoint(), nn.Linear(8, 5)]
+    if head:
+        layers += [bpfree.Head(), nn.Tanh(), nn.Linear(5, 3)]
+    model = nn.Sequential(*layers)
+    m = bpfree.methods.create(method, model)
+    x, y = torch.randn(4, 6), torch.randint(0, 3, (4,))
+    m.step(x, y, F.cross_entropy)  # the first step creates B_l
+    calls = _count_backward_calls(monkeypatch)
+    for _ in range(4):  # GrAPE's update step is one of these (every=4)
+        model.zero_grad()
+        m.step(x, y, F.cross_entropy)
+    assert len(calls) == 4
+    assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("method", ["bp", "dfa", "grape", "dkp", "drtp", "fa", "usf", "brsf", "frsf", "pepita",
+                                    "fg-weight", "fg-activity"])
+def test_a_step_leaves_nothing_on_the_method_but_its_declared_state(method, blobs):
+    # What lasts across steps is method.state; a step adds no attribute, and no other attribute
+    # holds a tensor (nothing of one step is parked for the next call).
+    x, y = blobs
+    torch.manual_seed(0)
+    model = bpfree.models.create("mlp", (x.shape[1],), int(y.max()) + 1, widths=(8, 8))
+    m = bpfree.methods.create(method, model)
+    before = set(vars(m))
+    for _ in range(3):
+        model.zero_grad()
+        m.step(x[:16], y[:16], F.cross_entropy)
+    assert set(vars(m)) == before
+    for name, value in vars(m).items():
+        if name != "state":
+            assert not isinstance(value, torch.Tensor), name
+            if isinstance(value, dict):
+                assert not any(isinstance(v, torch.Tensor) for v in value.values()), name
+
+
+def test_state_is_declared_once_and_checked_on_load(blobs):
+    x, y = blobs
+    model = bpfree.models.create("mlp", (x.shape[1],), int(y.max()) + 1, widths=(8,))
+    m = bpfree.methods.create("grape", model)
+    m.step(x[:16], y[:16], F.cross_entropy)
+    assert sorted(m.state) == ["calibrate_next", "feedback", "generator", "jacobian", "norm0", "steps"]
+    with pytest.raises(AttributeError, match="not a declared state entry"):
+        m.state.pending = 1
+    with pytest.raises(ValueError, match="checkpoint holds"):
+        m.load_state_dict({**m.state_dict(), "pending": 1})
+    with pytest.raises(ValueError, match="points this model lacks"):
+        m.load_state_dict({"feedback": {"nowhere": torch.zeros(8, 3)}})
+    # a saved state is a copy: changing the method afterwards leaves it as it was
+    saved = m.state_dict()
+    (point,) = m.state.feedback
+    m.state.feedback[point].add_(1.0)
+    assert not torch.equal(saved["feedback"][point], m.state.feedback[point])
+    m.load_state_dict(saved)
+    torch.testing.assert_close(m.state.feedback[point], saved["feedback"][point], rtol=0, atol=0)
+    assert m.state.jacobian.count == saved["jacobian"]["count"]
+
+
+def test_probe_signals_are_the_signals_a_step_delivers(blobs):
+    # B_l e for every point with the current B_l, with .grad filled as by a step, and no state change
+    x, y = blobs
+    torch.manual_seed(0)
+    model = bpfree.models.create("mlp", (x.shape[1],), int(y.max()) + 1, widths=(8, 8))
+    m = bpfree.methods.create("dfa", model)
+    m.step(x[:16], y[:16], F.cross_entropy)
+    state = m.state_dict()
+    model.zero_grad()
+    signals = m.probe_signals(x[:16], y[:16], F.cross_entropy)
+    out = model(x[:16]).detach().requires_grad_()
+    (e,) = torch.autograd.grad(F.cross_entropy(out, y[:16]), out)
+    assert set(signals) == set(m.state.feedback)
+    for name, B in m.state.feedback.items():
+        torch.testing.assert_close(signals[name], e @ B.t(), rtol=1e-6, atol=1e-8)
+    assert m.state.steps == state["steps"]
