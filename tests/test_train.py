@@ -170,6 +170,30 @@ def test_cli_train_compare_and_errors(tmp_path, capsys):
     assert "rescale" in capsys.readouterr().out
 
 
+def test_cli_run_flags_come_from_the_run_options():
+    import dataclasses
+    import typing
+
+    from bpfree.train.config import RunOptions
+
+    fields = {f.name: f for f in dataclasses.fields(RunOptions)}
+    hints = typing.get_type_hints(RunOptions)
+    sub = next(a for a in cli.build_parser()._actions if a.dest == "command").choices
+    for command, names in [("train", cli.RUN_FLAGS + ("method", "amp")), ("compare", cli.RUN_FLAGS + ("amp",)),
+                           ("bench", cli.RUN_FLAGS)]:
+        flags = {a.dest: a for a in sub[command]._actions if a.dest in fields}
+        assert set(flags) == set(names), command  # the other run options go through --set
+        for name, action in flags.items():
+            f = fields[name]
+            assert action.option_strings == ["--" + name.replace("_", "-")]
+            assert action.help == f.metadata["help"] and action.default is None
+            assert action.choices == f.metadata["choices"]
+            assert action.type is (hints[name] if hints[name] in (int, float) else None)
+    args = cli.build_parser().parse_args(["train", "--batch-size", "7", "--lr", "0.5", "--limit-test", "3"])
+    assert (args.batch_size, args.lr, args.limit_test) == (7, 0.5, 3)
+    assert cli._overrides(args) == {"batch_size": 7, "lr": 0.5, "limit_test": 3}
+
+
 @pytest.mark.parametrize("method", ["dfa", "grape", "test-signsgd"])
 def test_diagnostics_leave_training_bit_identical(tmp_path, method):
     plain = Run(cfg(method=method, log_every=4), tmp_path / "a", progress=False)

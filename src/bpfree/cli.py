@@ -16,18 +16,32 @@ from . import methods, models
 from .options import OptionError, describe
 
 
+#: Run options that have a flag of their own (``--batch-size`` for ``batch_size``); every run option,
+#: these included, is also settable with ``--set KEY=VALUE`` or in ``--config``.
+RUN_FLAGS = ("model", "dataset", "epochs", "batch_size", "optimizer", "lr", "seed", "device",
+             "limit_train", "limit_test")
+
+
+def _option_flags(g, *names: str) -> None:
+    """``--NAME`` flags for the run options ``names``: type, help text and choices from :class:`RunOptions`."""
+    import dataclasses
+    import typing
+
+    from .train.config import RunOptions
+
+    fields = {f.name: f for f in dataclasses.fields(RunOptions)}
+    hints = typing.get_type_hints(RunOptions)
+    for name in names:
+        f, tp = fields[name], hints[name]
+        kw = {"type": tp} if tp in (int, float) else {}
+        if f.metadata.get("choices"):
+            kw["choices"] = f.metadata["choices"]
+        g.add_argument("--" + name.replace("_", "-"), dest=name, help=f.metadata.get("help"), **kw)
+
+
 def _run_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("run options (also settable with --set or in --config)")
-    g.add_argument("--model", help="model name (bpfree list models)")
-    g.add_argument("--dataset", help="dataset name (bpfree list datasets)")
-    g.add_argument("--epochs", type=int)
-    g.add_argument("--batch-size", type=int, dest="batch_size")
-    g.add_argument("--optimizer", choices=("sgd", "adam", "adamw"))
-    g.add_argument("--lr", type=float)
-    g.add_argument("--seed", type=int)
-    g.add_argument("--device", help="cpu, cuda, cuda:N or auto")
-    g.add_argument("--limit-train", type=int, dest="limit_train", help="train on the first N samples only")
-    g.add_argument("--limit-test", type=int, dest="limit_test", help="evaluate on the first N samples only")
+    _option_flags(g, *RUN_FLAGS)
     p.add_argument("--config", type=Path, help="TOML file with [run], [model], [method], [data] sections")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="set any option by name (repeatable), e.g. --set widths=256,256 --set rule=cosine")
@@ -36,9 +50,8 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _overrides(args, *names) -> dict:
-    keys = ("model", "dataset", "epochs", "batch_size", "optimizer", "lr", "seed", "device",
-            "limit_train", "limit_test") + names
-    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+    """The run options given as flags (``RUN_FLAGS`` and ``names``)."""
+    return {k: getattr(args, k) for k in RUN_FLAGS + names if getattr(args, k, None) is not None}
 
 
 def _config(args, method: str | None, siblings: tuple[str, ...] = ()):
@@ -60,8 +73,7 @@ _RESUME_ALLOWED = {"resume", "data_dir", "no_progress", "device", "nproc", "comm
 
 
 def _parallel_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--amp", choices=("none", "bf16", "fp16"),
-                   help="mixed precision: bf16 or fp16 autocast around each step (fp16 adds gradient scaling)")
+    _option_flags(p, "amp")
     p.add_argument("--nproc", type=int, metavar="N",
                    help="data parallel over N processes on this machine (global batch = --batch-size); "
                         "or launch with torchrun --nproc_per_node N -m bpfree.cli ...")
@@ -344,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train one method")
-    p.add_argument("--method", help="learning rule (bpfree list methods)")
+    _option_flags(p, "method")
     p.add_argument("--out", type=Path, help="run directory (default runs/<time>-<method>-<model>-<dataset>)")
     p.add_argument("--resume", type=Path, metavar="DIR", help="continue the interrupted run in DIR")
     _run_flags(p)
