@@ -55,8 +55,10 @@ def outer_mean(u: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     """
     lead = lead_dims(u, d)
     U, D = flat_features(u, lead).float(), flat_features(d, lead).float()
-    with torch.autocast(device_type=U.device.type, enabled=False):
-        return U.t() @ D / U.shape[0]
+    if torch.is_autocast_enabled(U.device.type):
+        with torch.autocast(device_type=U.device.type, enabled=False):
+            return U.t() @ D / U.shape[0]
+    return U.t() @ D / U.shape[0]
 
 
 class _HeadReached(Exception):
