@@ -325,15 +325,23 @@ def test_md5_is_checked_on_installation(tmp_path, monkeypatch, c10):
         fetch_cifar("cifar10", tmp_path / "cache", source=str(c10.path), progress=False)
 
 
+def rewrite(path: Path, data: bytes) -> None:
+    """Write ``data`` over ``path`` with an mtime 5 s later than before: a rewrite within the
+    file system's timestamp granularity (a clock tick) could otherwise keep the old mtime."""
+    before = path.stat().st_mtime_ns
+    path.write_bytes(data)
+    os.utime(path, ns=(path.stat().st_atime_ns, before + 5_000_000_000))
+
+
 def test_cached_archive_corrupted_later_is_detected_deleted_and_refetched(tmp_path, c10, caplog):
     path = fetch_cifar("cifar10", tmp_path / "cache", source=str(c10.path), progress=False)
     data = bytearray(path.read_bytes())
     data[100] ^= 0xFF
-    path.write_bytes(bytes(data))  # new mtime: the stamp no longer vouches for it
+    rewrite(path, bytes(data))  # new mtime: the stamp no longer vouches for it
     again = fetch_cifar("cifar10", tmp_path / "cache", source=str(c10.path), progress=False)
     assert again.read_bytes() == c10.bytes
     assert "corrupt or truncated" in caplog.text
-    path.write_bytes(bytes(data))
+    rewrite(path, bytes(data))
     with pytest.raises(DataError, match=r"(?s)could not obtain cifar10.*copy cifar-10-python.tar.gz into"):
         fetch_cifar("cifar10", tmp_path / "cache", progress=False)  # no source left
 

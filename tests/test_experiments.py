@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from bpfree import cli, experiment, models
+from bpfree import bench, cli, experiment, models
 from bpfree.experiment import docs, estimate
 from bpfree.experiment.common import DONE, NEW, RESUME, STALE
 from bpfree.options import OptionError, option
@@ -329,7 +329,26 @@ seeds = 3
     assert "random N(0, 1) inputs" in (tmp_path / "est" / "quick" / "table.md").read_text()
 
 
-def test_bench_ratios_are_median_times_over_bps(tmp_path):
+# Fake step times (ms) of the bench test: index 0 is the one warm-up step, then the 3 timed samples.
+# BP: median 4, mean 4.67; DFA at width 8: median 5, mean 5.67, per-sample ratios to BP 1.5, 2.25,
+# 0.625 (median 1.5); DFA's times scale with width / 8. The ratio of the medians is 5/4 = 1.25 at
+# width 8 and 10/4 = 2.5 at width 16; a mean (1.21, 2.43), an inverted ratio (0.8, 0.4), a median of
+# per-sample ratios (1.5, 3) or a counted warm-up step (7/6, 14/6) all differ from it by > 0.03.
+FAKE_MS = {"bp": [50.0, 2.0, 4.0, 8.0], "dfa": [50.0, 3.0, 9.0, 5.0]}
+
+
+def test_bench_ratios_are_median_times_over_bps(tmp_path, monkeypatch):
+    real_step = bench.one_step
+
+    def fake_step(c, task, x, y, device):
+        real_step(c, task, x, y, device)  # the real step runs; its wall-clock time is replaced
+        k = getattr(c, "fake_calls", 0)  # counted per contender, i.e. per bench cell
+        c.fake_calls = k + 1
+        width = next(m for m in c.model.modules() if isinstance(m, nn.Linear)).out_features
+        ms = FAKE_MS[c.name][k] * (width / 8 if c.name == "dfa" else 1)
+        return ms / 1e3
+
+    monkeypatch.setattr(bench, "one_step", fake_step)
     doc = run_spec(tmp_path, "cost", """
 title = "cost"
 kind = "bench"
@@ -349,11 +368,19 @@ threads = 1
 """)
     cells = {(c["width"], c["method"]): c for c in doc["rows"]}
     assert set(cells) == {(8, "bp"), (8, "dfa"), (16, "bp"), (16, "dfa")}
-    for w in (8, 16):
+    # The harness rounds median_ms and ratio_to_bp to 3 decimals: each is within 5e-4 of the exact value.
+    tol = 5e-4 + 1e-12
+    for w, dfa_ms, ratio in ((8, 5.0, 1.25), (16, 10.0, 2.5)):
         bp, dfa = cells[(w, "bp")]["seeds"][0], cells[(w, "dfa")]["seeds"][0]
-        assert bp["ratio_to_bp"] == 1.0
-        assert dfa["ratio_to_bp"] == pytest.approx(dfa["median_ms"] / bp["median_ms"], abs=2e-3)
-    assert "| 1 | 8 | dfa |" in (tmp_path / "cost" / "quick" / "table.md").read_text()
+        assert bp["steps_per_sample"] == dfa["steps_per_sample"] == 1
+        assert bp["median_ms"] == pytest.approx(4.0, abs=tol) and bp["ratio_to_bp"] == 1.0
+        assert dfa["median_ms"] == pytest.approx(dfa_ms, abs=tol)
+        assert dfa["ratio_to_bp"] == pytest.approx(ratio, abs=tol)
+        # one seed: the cell is that seed's figure, with no std
+        assert cells[(w, "dfa")]["ratio_to_bp"][0] == pytest.approx(ratio, abs=tol)
+        assert cells[(w, "dfa")]["ratio_to_bp"][1] is None
+    table = (tmp_path / "cost" / "quick" / "table.md").read_text()
+    assert "| 1 | 8 | dfa | 5.00 | 1.25 |" in table and "| 1 | 16 | dfa | 10.00 | 2.50 |" in table
 
 
 def test_every_shipped_experiment_resolves_at_both_scales():

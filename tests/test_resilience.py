@@ -53,6 +53,10 @@ def assert_bit_identical(a: dict, b: dict) -> None:
 
 KILL_EPOCHS = 6  # 6 x 320 / 16 = 120 steps: room for four kills before the run could end
 KILL_STEPS = KILL_EPOCHS * 320 // 16
+# Each killed process stops HOLD_STEPS steps after its first checkpoint (tests/_blobs_cli.py), so it
+# is alive when the kill comes even if this process is starved for longer than the run would take;
+# four such processes still leave steps for the final resume: 4 * (HOLD_STEPS + 1) < KILL_STEPS.
+HOLD_STEPS = KILL_STEPS // 4 - 2
 KILL_ARGS = ["--method", "grape", "--dataset", "blobs-test", "--epochs", str(KILL_EPOCHS), "--batch-size", "16",
              "--limit-train", "320", "--limit-test", "64", "--lr", "0.01", "--set", "widths=16,16",
              "--set", "checkpoint_every=1", "--set", "log_every=3", "--no-progress"]
@@ -63,7 +67,8 @@ def kill_and_resume(tmp_path: Path, kills: int) -> None:
     then ``--resume`` killed likewise ``kills - 1`` times, then resumed here to the end: the weights,
     GrAPE's feedback matrices and the metrics equal an uninterrupted run's, bit for bit."""
     out = tmp_path / "killed"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path),
+               BPFREE_TEST_HOLD_AFTER=str(HOLD_STEPS))
     rng = random.Random(os.getpid() ^ int(time.time()))
 
     def step_on_disk() -> int:
