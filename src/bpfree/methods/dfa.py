@@ -11,21 +11,24 @@ A direct-feedback step is a pipeline of plain values (DESIGN.md §5)::
     after_delivery(record)           # DKP: B_l's own update from (h_l, e)
 
 How one backward call delivers every signal: the forward pass cuts the graph at every point (the
-next block sees ``h_l`` detached) and, at each point, hangs a *relay* node on ``h_l``; the relays
-form a chain that starts at an *error tap* on the tensor where ``e`` is taken (``y``, or the input
-``z`` of a :class:`bpfree.Head`). ``loss.backward()`` then runs the head's backward as BP would;
-the tap receives ``e = dL/dy``, keeps it in the step's :class:`Delivery` and wakes the chain; relay
-``l`` hands block ``l`` its signal (``B_l e``) and wakes relay ``l - 1``. A relay is created after
-its block's forward operations and before the next block's, so autograd (which runs the most
-recently created ready node first) runs each block's whole backward between its relay and the
-next: every signal is made just before its block needs it and freed when the block is done, and
-the peak memory of a step is BP's. Nothing of a step is kept on the method.
+next block sees ``h_l`` detached) and, at each point, links ``h_l`` into a *chain*: the 0-d sum
+``h_1.sum() + h_2.sum() + ...`` (its value is never used), with a gradient hook on ``h_l`` that
+replaces whatever the chain sends with the point's signal. The chain enters an *error tap* on the
+tensor where ``e`` is taken (``y``, or the input ``z`` of a :class:`bpfree.Head`).
+``loss.backward()`` then runs the head's backward as BP would; the tap receives ``e = dL/dy``,
+keeps it in the step's :class:`Delivery` and sends a zero down the chain, and the hook of ``h_l``
+hands block ``l`` its signal (``B_l e``). The links are made after their block's forward operations
+and before the next block's, so autograd (which runs the most recently created ready node first)
+runs each block's whole backward right after its signal is made: every signal is made just before
+its block needs it and freed when the block is done, and the peak memory of a step is BP's.
+Nothing of a step is kept on the method.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -34,34 +37,64 @@ from torch import nn
 
 from ..feedback.matrices import init_feedback, point_width
 from ..options import OptionError, option
-from ..points import Head, all_points, feedback_points, handled, head_marker
+from ..points import all_points, feedback_points, handled, head_marker
 from . import register
 from .base import LossFn, Method, MethodGenerator, StepResult
 from .guards import forward_checked
 
 #: ``source(name, e)``: the signal for point ``name`` given the output error ``e`` (any shape with
-#: ``h_l``'s number of elements; the relay reshapes it to ``h_l`` and casts it to ``h_l``'s dtype).
+#: ``h_l``'s number of elements; it is reshaped to ``h_l`` and cast to ``h_l``'s dtype).
 SignalSource = Callable[[str, torch.Tensor], torch.Tensor]
 
 
 class Delivery:
-    """What passes between the error tap and the relays during one step's backward call.
+    """What passes between the error tap and the points during one step's backward call.
 
     ``source``: makes each point's signal (set by :meth:`DirectFeedback.deliver`); ``error``:
     ``e``, set by the tap; ``kept``: the signals by point name, when the pass was cut with
     ``keep_signals`` (diagnostics).
     """
 
-    __slots__ = ("source", "error", "kept")
+    __slots__ = ("source", "error", "kept", "autocast")
 
-    def __init__(self, keep_signals: bool = False) -> None:
+    def __init__(self, device_type: str, keep_signals: bool = False) -> None:
         self.source: SignalSource | None = None
         self.error: torch.Tensor | None = None
         self.kept: dict[str, torch.Tensor] | None = {} if keep_signals else None
+        #: the device type, when the forward pass ran under autocast (the step runs inside it)
+        self.autocast = device_type if torch.is_autocast_enabled(device_type) else None
+
+    def signal(self, name: str, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        """Point ``name``'s signal from ``e``, shaped ``shape`` and of ``dtype`` (``h_l``'s)."""
+        e = self.error
+        if self.autocast is not None:
+            with torch.autocast(self.autocast, enabled=False):  # the projection stays float32
+                signal = self.source(name, e)
+        else:
+            signal = self.source(name, e)
+        signal = signal.view(shape) if signal.dtype == dtype else signal.reshape(shape).to(dtype)
+        if self.kept is not None:
+            self.kept[name] = signal.detach()
+        return signal
+
+
+def _signal_hook(delivery: Delivery, name: str, shape: torch.Size, dtype: torch.dtype):
+    """The gradient hook of ``h_l``: replaces the chain's placeholder with the point's signal.
+
+    Outside a delivery (no ``e`` yet: some other backward pass through ``h_l``) it changes nothing.
+    """
+
+    def hand_signal(grad: torch.Tensor) -> torch.Tensor | None:
+        return None if delivery.error is None else delivery.signal(name, shape, dtype)
+    return hand_signal
 
 
 class _ErrorTap(torch.autograd.Function):
-    """Identity on the tensor where ``e`` is taken; backward keeps ``e`` and wakes the relay chain."""
+    """Identity on the tensor where ``e`` is taken; backward keeps ``e`` and wakes the chain.
+
+    ``chain``: the 0-d sum of every point's ``h_l.sum()``, accumulated in the forward pass (its
+    value is never used, only its graph: each ``h_l.sum()`` node leads into block ``l``).
+    """
 
     @staticmethod
     def forward(ctx, at: torch.Tensor, chain: torch.Tensor | None, delivery: Delivery) -> torch.Tensor:
@@ -71,33 +104,7 @@ class _ErrorTap(torch.autograd.Function):
     @staticmethod
     def backward(ctx, e: torch.Tensor):
         ctx.delivery.error = e
-        return e, (e.new_empty(0) if ctx.chained else None), None
-
-
-class _SignalRelay(torch.autograd.Function):
-    """Hangs on ``h_l``; backward hands block ``l`` its signal and wakes the relay before it.
-
-    The forward output is an empty tensor (no memory); only shape and dtype of ``h_l`` are kept.
-    """
-
-    @staticmethod
-    def forward(ctx, h: torch.Tensor, chain: torch.Tensor | None, delivery: Delivery, name: str) -> torch.Tensor:
-        ctx.delivery, ctx.name, ctx.shape, ctx.dtype = delivery, name, h.shape, h.dtype
-        ctx.chained = chain is not None
-        return h.new_empty(0)
-
-    @staticmethod
-    def backward(ctx, trigger: torch.Tensor):
-        d = ctx.delivery
-        if torch.is_autocast_enabled(trigger.device.type):
-            with torch.autocast(trigger.device.type, enabled=False):  # the projection stays float32
-                signal = d.source(ctx.name, d.error)
-        else:
-            signal = d.source(ctx.name, d.error)
-        signal = signal.view(ctx.shape) if signal.dtype == ctx.dtype else signal.reshape(ctx.shape).to(ctx.dtype)
-        if d.kept is not None:
-            d.kept[ctx.name] = signal.detach()
-        return signal, (trigger if ctx.chained else None), None, None
+        return e, (e.new_zeros(()) if ctx.chained else None), None
 
 
 @dataclass
@@ -187,7 +194,7 @@ class DirectFeedback(Method):
         Calibration (``calibrate_every = T``): steps ``T, 2T, ...`` (counting from 1) are BP steps,
         or with ``calibrate_unit = "epochs"`` the first step after every ``T``-th epoch.
         """
-        self.state.steps += 1
+        self.state["steps"] += 1
         if self.calibration_due():
             return self.calibration_step(x, y, loss_fn)
         record = self.forward_cut(x, estimator=self.estimator_for_step(x.device))
@@ -201,7 +208,7 @@ class DirectFeedback(Method):
 
     def forward_cut(self, x: torch.Tensor, *, estimator: Estimator | None = None,
                     keep_signals: bool = False) -> CutPass:
-        """One forward pass with the graph cut at every point, relays hung on every ``h_l``.
+        """One forward pass with the graph cut at every point, every ``h_l`` linked into the chain.
 
         With ``estimator.draw`` the pass runs under forward-mode AD: every point hands the next
         block ``h_l`` detached with tangent ``(incoming tangent) + d_l``, ``d_l = draw(h_l)``; the
@@ -209,11 +216,11 @@ class DirectFeedback(Method):
         at ``error_at`` (``u = sum_l J_l d_l``).
         """
         draw = estimator.draw if estimator is not None else None
-        delivery = Delivery(keep_signals)
+        delivery = Delivery(x.device.type, keep_signals)
         shapes: dict[str, torch.Size] = {}
         activities = {} if self.keeps_activities else None
         tangents: dict[str, torch.Tensor] | None = {} if draw is not None else None
-        chain: list[torch.Tensor | None] = [None]  # the last relay's output
+        chain: list[torch.Tensor | None] = [None]  # the sum of the points' links so far
         at_head: list[tuple[torch.Tensor, torch.Tensor | None]] = []
 
         def cut(point, h: torch.Tensor) -> torch.Tensor:
@@ -227,8 +234,10 @@ class DirectFeedback(Method):
             shapes[name] = h.shape
             if activities is not None:
                 activities[name] = h.detach()
-            if h.requires_grad:
-                chain[0] = _SignalRelay.apply(h, chain[0], delivery, name)
+            if h.requires_grad:  # a node into block l on the chain, whose gradient the hook replaces
+                link = h.sum()
+                chain[0] = link if chain[0] is None else chain[0] + link
+                h.register_hook(_signal_hook(delivery, name, h.shape, h.dtype))
             if draw is None:
                 return h.detach()
             d = tangents[name] = draw(h)
@@ -249,11 +258,12 @@ class DirectFeedback(Method):
     def ensure_feedback(self, record: CutPass) -> None:
         """Create ``B_l`` (``(n_l, o)``) for points seen for the first time; check the others."""
         like = self.projected(record)
-        o = like.shape[-1]
-        feedback = self.state.feedback
+        o, flat = like.shape[-1], like.dim() == 2
+        feedback = self.state["feedback"]
         for name, shape in record.shapes.items():
             B = feedback.get(name)
-            n = point_width(like, shape)
+            # n_l; for (batch, o) errors every h_l is flattened after the batch dimension
+            n = math.prod(shape[1:]) if flat and shape[0] == like.shape[0] else point_width(like, shape)
             if B is None:
                 feedback[name] = init_feedback(n, o, init=self.options.init, scale=self.options.scale,
                                                generator=self.state.generator.on(like.device), device=like.device)
@@ -280,7 +290,7 @@ class DirectFeedback(Method):
     def signal_source(self, record: CutPass, y: torch.Tensor) -> SignalSource:
         """``source(name, e)`` for this step: DFA's ``B_l e``, ``(batch, n_l)`` (per token:
         ``(batch, T, n_l)``), computed in ``B_l``'s dtype (float32)."""
-        feedback = self.state.feedback
+        feedback = self.state["feedback"]
 
         def projected_error(name: str, e: torch.Tensor) -> torch.Tensor:
             B = feedback[name]
@@ -296,10 +306,10 @@ class DirectFeedback(Method):
     # -- calibration ----------------------------------------------------------------------------
     def calibration_due(self) -> bool:
         """Whether this step is a calibration step (``calibrate_every`` steps, or after epochs)."""
-        T = self.options.calibrate_every
+        T, state = self.options.calibrate_every, self.state
         if T and self.options.calibrate_unit == "steps":
-            return self.state.steps % T == 0
-        due, self.state.calibrate_next = self.state.calibrate_next, False
+            return state["steps"] % T == 0
+        due, state["calibrate_next"] = state["calibrate_next"], False
         return due
 
     def on_epoch_end(self, epoch: int) -> None:

@@ -81,8 +81,7 @@ def checked_loss(loss_fn: LossFn) -> LossFn:
     if getattr(loss_fn, "_bpfree_checked", False):
         return loss_fn
 
-    @functools.wraps(loss_fn)
-    def checked(out, y, *args, **kwargs):
+    def checked(out, y, *args, **kwargs):  # made once per step: no functools.wraps on the hot path
         try:
             return loss_fn(out, y, *args, **kwargs)
         except (torch.OutOfMemoryError, BatchError):
