@@ -2,26 +2,30 @@
 
 A direct-feedback step is a pipeline of plain values (DESIGN.md §5)::
 
-    record = forward_cut(x)          # y, every point's shape, where e is taken, estimator inputs
-    ensure_feedback(record)          # B_l (n_l, o) exists for every point
+    record = forward_cut(x)          # y, where e is taken, each point's shape, estimator inputs
+    ensure_feedback(record)          # B_l (n_l, o) exists for every point (made on the first step)
     before_delivery(record, x)       # GrAPE: estimate J~_l and move B_l; DFA: nothing
-    source = signal_source(record, y)  # how a point's signal is made: B_l e (DRTP: B_l y*)
+    record.delivery.target = link_target(record, y)  # None: the links project e (DRTP: y*/N)
     loss = loss_fn(record.output, y)
-    deliver(record, loss, source)    # ONE autograd call: e = dL/dy, the head, every block's B_l e
+    deliver(record, loss)            # ONE autograd call: e = dL/dy, the head, every block's B_l e
     after_delivery(record)           # DKP: B_l's own update from (h_l, e)
 
 How one backward call delivers every signal: the forward pass cuts the graph at every point (the
-next block sees ``h_l`` detached) and, at each point, links ``h_l`` into a *chain*: the 0-d sum
-``h_1.sum() + h_2.sum() + ...`` (its value is never used), with a gradient hook on ``h_l`` that
-replaces whatever the chain sends with the point's signal. The chain enters an *error tap* on the
-tensor where ``e`` is taken (``y``, or the input ``z`` of a :class:`bpfree.Head`).
-``loss.backward()`` then runs the head's backward as BP would; the tap receives ``e = dL/dy``,
-keeps it in the step's :class:`Delivery` and sends a zero down the chain, and the hook of ``h_l``
-hands block ``l`` its signal (``B_l e``). The links are made after their block's forward operations
-and before the next block's, so autograd (which runs the most recently created ready node first)
-runs each block's whole backward right after its signal is made: every signal is made just before
-its block needs it and freed when the block is done, and the peak memory of a step is BP's.
-Nothing of a step is kept on the method.
+next block sees ``h_l`` detached) and, at each point, makes a *link* ``z_l = h_l B_l``
+(``(batch, n_l) @ (n_l, o)``, the points' features flattened, per token for sequences). The links
+enter an *error tap* on the tensor where ``e`` is taken (``y``, or the input ``z`` of a
+:class:`bpfree.Head`), which is the identity in the forward pass. ``loss.backward()`` runs the
+head's backward as BP would; the tap receives ``e = dL/dy``, keeps it in the step's
+:class:`Delivery` and hands it to every link, and each link's own backward turns it into
+``dL/dh_l = e B_l^T``, the DFA signal ``B_l e`` per sample, which flows into block ``l``. So the
+signals are made by autograd itself, with no Python code per point in the backward pass. A link
+is made after its block's forward operations and before the next block's, so autograd (which runs
+the most recently created ready node first) runs each block's backward right after its signal is
+made: every signal exists only while its block needs it, and the peak memory of a step is BP's.
+(On the first step the ``B_l`` are made after the forward pass, so that step has no links: it
+takes ``e`` by backpropagating through the head, then delivers every signal in one call.)
+The link reads ``B_l`` when the backward pass runs, so a feedback update between the forward pass
+and the delivery (GrAPE) is the one the signals use. Nothing of a step is kept on the method.
 """
 
 from __future__ import annotations
@@ -35,76 +39,47 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import nn
 
-from ..feedback.matrices import init_feedback, point_width
+from ..feedback.matrices import init_feedback, point_width, project
 from ..options import OptionError, option
 from ..points import all_points, feedback_points, handled, head_marker
 from . import register
 from .base import LossFn, Method, MethodGenerator, StepResult
 from .guards import forward_checked
 
-#: ``source(name, e)``: the signal for point ``name`` given the output error ``e`` (any shape with
-#: ``h_l``'s number of elements; it is reshaped to ``h_l`` and cast to ``h_l``'s dtype).
-SignalSource = Callable[[str, torch.Tensor], torch.Tensor]
-
 
 class Delivery:
-    """What passes between the error tap and the points during one step's backward call.
+    """What the error tap shares with the rest of one step.
 
-    ``source``: makes each point's signal (set by :meth:`DirectFeedback.deliver`); ``error``:
-    ``e``, set by the tap; ``kept``: the signals by point name, when the pass was cut with
-    ``keep_signals`` (diagnostics).
+    ``error``: ``e``, set by the tap during the backward call; ``target``: what the links receive in
+    place of ``e`` when a method projects something else (DRTP's one-hot targets), set before it.
     """
 
-    __slots__ = ("source", "error", "kept", "autocast")
+    __slots__ = ("error", "target")
 
-    def __init__(self, device_type: str, keep_signals: bool = False) -> None:
-        self.source: SignalSource | None = None
+    def __init__(self) -> None:
         self.error: torch.Tensor | None = None
-        self.kept: dict[str, torch.Tensor] | None = {} if keep_signals else None
-        #: the device type, when the forward pass ran under autocast (the step runs inside it)
-        self.autocast = device_type if torch.is_autocast_enabled(device_type) else None
-
-    def signal(self, name: str, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
-        """Point ``name``'s signal from ``e``, shaped ``shape`` and of ``dtype`` (``h_l``'s)."""
-        e = self.error
-        if self.autocast is not None:
-            with torch.autocast(self.autocast, enabled=False):  # the projection stays float32
-                signal = self.source(name, e)
-        else:
-            signal = self.source(name, e)
-        signal = signal.view(shape) if signal.dtype == dtype else signal.reshape(shape).to(dtype)
-        if self.kept is not None:
-            self.kept[name] = signal.detach()
-        return signal
-
-
-def _signal_hook(delivery: Delivery, name: str, shape: torch.Size, dtype: torch.dtype):
-    """The gradient hook of ``h_l``: replaces the chain's placeholder with the point's signal.
-
-    Outside a delivery (no ``e`` yet: some other backward pass through ``h_l``) it changes nothing.
-    """
-
-    def hand_signal(grad: torch.Tensor) -> torch.Tensor | None:
-        return None if delivery.error is None else delivery.signal(name, shape, dtype)
-    return hand_signal
+        self.target: torch.Tensor | None = None
 
 
 class _ErrorTap(torch.autograd.Function):
-    """Identity on the tensor where ``e`` is taken; backward keeps ``e`` and wakes the chain.
+    """Identity on the tensor where ``e`` is taken; backward keeps ``e`` and hands it to the links.
 
-    ``chain``: the 0-d sum of every point's ``h_l.sum()``, accumulated in the forward pass (its
-    value is never used, only its graph: each ``h_l.sum()`` node leads into block ``l``).
+    ``links``: the ``z_l = h_l B_l`` of the forward pass; each receives ``e`` (or the delivery's
+    ``target``), reshaped to its own shape (a view), and its backward makes ``B_l e``.
     """
 
     @staticmethod
-    def forward(ctx, at: torch.Tensor, chain: torch.Tensor | None, delivery: Delivery) -> torch.Tensor:
-        ctx.delivery, ctx.chained = delivery, chain is not None
+    def forward(ctx, at: torch.Tensor, delivery: Delivery, *links: torch.Tensor) -> torch.Tensor:
+        ctx.delivery, ctx.metas = delivery, [(z.shape, z.dtype) for z in links]
         return at.view_as(at)
 
     @staticmethod
     def backward(ctx, e: torch.Tensor):
-        ctx.delivery.error = e
-        return e, (e.new_zeros(()) if ctx.chained else None), None
+        d = ctx.delivery
+        d.error = e
+        g = e if d.target is None else d.target
+        return (e, None) + tuple(g if g.shape == shape and g.dtype == dtype else g.reshape(shape).to(dtype)
+                                 for shape, dtype in ctx.metas)
 
 
 @dataclass
@@ -113,21 +88,25 @@ class CutPass:
 
     ``output``: the model output ``y`` (``(batch, o)`` or ``(batch, T, o)``), in the head's graph;
     ``error_at``: the tensor ``e`` is taken at (``y``, or the Head's input ``z``), so ``e`` has its
-    shape; ``shapes``: ``h_l.shape`` per point name, in forward order; ``delivery``: filled during
-    the backward call. Optional parts: ``activities`` (``h_l`` detached, for methods that set
-    ``keeps_activities``); ``tangents`` (``d_l`` per point) and ``output_tangent`` (``u`` at
+    shape; ``shapes``: ``h_l.shape`` per point name, in forward order; ``delivery``: shared with
+    the error tap; ``linked``: whether every ``h_l`` got a link (all ``B_l`` existed). Optional
+    parts: ``points`` (``h_l`` itself, for methods that set ``keeps_points``, and on a pass
+    without links); ``tangents`` (``d_l`` per point) and ``output_tangent`` (``u`` at
     ``error_at``) when the pass carried forward-mode tangents; ``estimator``: the method's Jacobian
-    estimator for this step, resolved once (GrAPE).
+    estimator for this step, resolved once (GrAPE); ``error_leaf``: on a pass without links, the
+    detached copy of ``error_at`` the head was run on (``e`` is its gradient).
     """
 
     output: torch.Tensor
     error_at: torch.Tensor
     shapes: dict[str, torch.Size]
     delivery: Delivery
-    activities: dict[str, torch.Tensor] | None = None
+    linked: bool
+    points: dict[str, torch.Tensor] | None = None
     tangents: dict[str, torch.Tensor] | None = None
     output_tangent: torch.Tensor | None = None
     estimator: Any = None
+    error_leaf: torch.Tensor | None = None
 
 
 @dataclass
@@ -142,20 +121,34 @@ class Estimator:
     draw: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
+def flat_point(h: torch.Tensor, n: int) -> torch.Tensor:
+    """``h_l`` as ``(batch, n_l)``, or ``(batch, T, n_l)`` when the feedback acts per token.
+
+    ``n``: the rows of ``B_l``. Flattening after the batch dimension is tried first; a sequence map
+    ``(batch, T, d)`` with ``d = n`` is left as it is (feedback per token).
+    """
+    if math.prod(h.shape[1:]) == n:
+        return h if h.dim() == 2 else h.reshape(h.shape[0], n)
+    if h.dim() == 3 and h.shape[-1] == n:
+        return h
+    raise ValueError(f"a feedback point carries {tuple(h.shape[1:])} features now, but its feedback "
+                     f"matrix has {n} rows")
+
+
 class DirectFeedback(Method):
     """Base of the direct-feedback family: cut the graph at every point, send each a signal.
 
     Forward: each :class:`FeedbackPoint` hands the next block ``h_l`` detached, so no input
     gradient is ever computed across blocks. The output error ``e = dL/dy`` (``(batch, o)``) comes
-    out of the backward call itself, and point ``l`` receives :meth:`signal` (``B_l e`` for DFA);
-    inside each block ordinary autograd turns it into weight gradients. The head (the block after
-    the last point) receives its true gradient. With a :class:`bpfree.Head` marker, ``e = dL/dz`` at
-    the head's input instead. ``B_l`` of shape ``(n_l, o)`` is created on the first step, seeded by
-    ``seed``. See the module docstring for the step's pipeline.
+    out of the backward call itself, and point ``l`` receives ``B_l e`` through its link (DRTP:
+    ``B_l y*``); inside each block ordinary autograd turns it into weight gradients. The head (the
+    block after the last point) receives its true gradient. With a :class:`bpfree.Head` marker,
+    ``e = dL/dz`` at the head's input instead. ``B_l`` of shape ``(n_l, o)`` is created on the first
+    step, seeded by ``seed``. See the module docstring for the step's pipeline.
     """
 
-    #: Methods whose update reads ``h_l`` after the delivery (DKP) keep it in the record.
-    keeps_activities = False
+    #: Methods that read ``h_l`` itself after the forward pass (DKP, fg-activity) keep it in the record.
+    keeps_points = False
 
     @dataclass
     class Options:
@@ -200,15 +193,14 @@ class DirectFeedback(Method):
         record = self.forward_cut(x, estimator=self.estimator_for_step(x.device))
         self.ensure_feedback(record)
         self.before_delivery(record, x)
-        source = self.signal_source(record, y)
+        record.delivery.target = self.link_target(record, y)
         loss = loss_fn(record.output, y)
-        self.deliver(record, loss, source)
+        self.deliver(record, loss)
         self.after_delivery(record)
         return StepResult(loss.detach(), record.output.detach())
 
-    def forward_cut(self, x: torch.Tensor, *, estimator: Estimator | None = None,
-                    keep_signals: bool = False) -> CutPass:
-        """One forward pass with the graph cut at every point, every ``h_l`` linked into the chain.
+    def forward_cut(self, x: torch.Tensor, *, estimator: Estimator | None = None) -> CutPass:
+        """One forward pass with the graph cut at every point and every ``h_l`` linked to the tap.
 
         With ``estimator.draw`` the pass runs under forward-mode AD: every point hands the next
         block ``h_l`` detached with tangent ``(incoming tangent) + d_l``, ``d_l = draw(h_l)``; the
@@ -216,12 +208,18 @@ class DirectFeedback(Method):
         at ``error_at`` (``u = sum_l J_l d_l``).
         """
         draw = estimator.draw if estimator is not None else None
-        delivery = Delivery(x.device.type, keep_signals)
+        delivery = Delivery()
         shapes: dict[str, torch.Size] = {}
-        activities = {} if self.keeps_activities else None
+        linked = len(self.state["feedback"]) == len(self.points)  # else the first step: no B_l yet
+        points = {} if self.keeps_points or not linked else None
         tangents: dict[str, torch.Tensor] | None = {} if draw is not None else None
-        chain: list[torch.Tensor | None] = [None]  # the sum of the points' links so far
+        links: list[torch.Tensor] = []
         at_head: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+        leaves: list[torch.Tensor] = []  # without links: e is taken at a leaf in place of error_at
+
+        def leaf_of(at: torch.Tensor) -> torch.Tensor:
+            leaves.append(at.detach().requires_grad_())
+            return leaves[0]
 
         def cut(point, h: torch.Tensor) -> torch.Tensor:
             tangent = None
@@ -229,15 +227,13 @@ class DirectFeedback(Method):
                 h, tangent = fwAD.unpack_dual(h)
             if point is self.head:
                 at_head.append((h, tangent))
-                return _ErrorTap.apply(h, chain[0], delivery)
+                return _ErrorTap.apply(h if linked else leaf_of(h), delivery, *links)
             name = self.names[id(point)]
             shapes[name] = h.shape
-            if activities is not None:
-                activities[name] = h.detach()
-            if h.requires_grad:  # a node into block l on the chain, whose gradient the hook replaces
-                link = h.sum()
-                chain[0] = link if chain[0] is None else chain[0] + link
-                h.register_hook(_signal_hook(delivery, name, h.shape, h.dtype))
+            if points is not None:
+                points[name] = h
+            if linked and h.requires_grad:
+                links.append(self.link(name, h))
             if draw is None:
                 return h.detach()
             d = tangents[name] = draw(h)
@@ -251,27 +247,44 @@ class DirectFeedback(Method):
         if at_head:
             error_at, u = at_head[0][0], at_head[0][1] if draw is not None else None
         else:
-            error_at, out = out, _ErrorTap.apply(out, chain[0], delivery)
-        return CutPass(out, error_at, shapes, delivery, activities, tangents,
-                       None if u is None else u.detach(), estimator)
+            error_at, out = out, _ErrorTap.apply(out if linked else leaf_of(out), delivery, *links)
+        return CutPass(out, error_at, shapes, delivery, linked, points, tangents,
+                       None if u is None else u.detach(), estimator, leaves[0] if leaves else None)
+
+    def link(self, name: str, h: torch.Tensor) -> torch.Tensor:
+        """``z_l = h_l B_l``: the node whose backward turns the tap's ``e`` into ``e B_l^T``.
+
+        It is made in ``B_l``'s dtype (float32), also under autocast, and autograd casts the signal
+        back to ``h_l``'s dtype, so the projection keeps full precision.
+        """
+        B = self.state["feedback"][name]
+        flat = flat_point(h, B.shape[0])
+        if B.device != h.device:
+            B = self.state["feedback"][name] = B.to(h.device)
+        if flat.dtype != B.dtype:
+            flat = flat.to(B.dtype)
+        if torch.is_autocast_enabled(h.device.type):
+            with torch.autocast(h.device.type, enabled=False):
+                return flat @ B
+        return flat @ B
 
     def ensure_feedback(self, record: CutPass) -> None:
-        """Create ``B_l`` (``(n_l, o)``) for points seen for the first time; check the others."""
-        like = self.projected(record)
-        o, flat = like.shape[-1], like.dim() == 2
+        """Create ``B_l`` (``(n_l, o)``) for points seen for the first time (the first step).
+
+        ``B_l`` is stored in the memory layout of its transpose (``o`` rows of ``n_l``), the layout
+        of the Jacobian estimates it may be compared with. (Once every point has its ``B_l``, a
+        point whose width changes is reported by its link.)
+        """
         feedback = self.state["feedback"]
+        if record.linked:
+            return
+        like = self.projected(record)
+        o = like.shape[-1]
         for name, shape in record.shapes.items():
-            B = feedback.get(name)
-            # n_l; for (batch, o) errors every h_l is flattened after the batch dimension
-            n = math.prod(shape[1:]) if flat and shape[0] == like.shape[0] else point_width(like, shape)
-            if B is None:
-                feedback[name] = init_feedback(n, o, init=self.options.init, scale=self.options.scale,
-                                               generator=self.state.generator.on(like.device), device=like.device)
-            elif B.shape != (n, o):
-                raise ValueError(f"feedback point {name!r} carries {n} features for {o} outputs now, "
-                                 f"but its feedback matrix is {tuple(B.shape)}")
-            elif B.device != like.device:
-                feedback[name] = B.to(like.device)
+            if name not in feedback:
+                B = init_feedback(point_width(like, shape), o, init=self.options.init, scale=self.options.scale,
+                                  generator=self.state["generator"].on(like.device), device=like.device)
+                feedback[name] = B.t().contiguous().t()
 
     def projected(self, record: CutPass) -> torch.Tensor:
         """The tensor whose rows ``B_l`` projects (DFA: ``e``, shaped like ``record.error_at``)."""
@@ -287,21 +300,45 @@ class DirectFeedback(Method):
     def after_delivery(self, record: CutPass) -> None:
         """Hook for methods that update ``B_l`` from this step's ``h_l`` and ``e`` (DKP)."""
 
-    def signal_source(self, record: CutPass, y: torch.Tensor) -> SignalSource:
-        """``source(name, e)`` for this step: DFA's ``B_l e``, ``(batch, n_l)`` (per token:
-        ``(batch, T, n_l)``), computed in ``B_l``'s dtype (float32)."""
-        feedback = self.state["feedback"]
+    def link_target(self, record: CutPass, y: torch.Tensor) -> torch.Tensor | None:
+        """What the links project in place of ``e`` (``None``: ``e`` itself; DRTP: ``y* / N``)."""
+        return None
 
-        def projected_error(name: str, e: torch.Tensor) -> torch.Tensor:
-            B = feedback[name]
-            return (e if e.dtype == B.dtype else e.to(B.dtype)) @ B.t()
-        return projected_error
+    def deliver(self, record: CutPass, loss: torch.Tensor) -> None:
+        """The one backward call: ``e``, the head's gradients and every block's signal.
 
-    def deliver(self, record: CutPass, loss: torch.Tensor, source: SignalSource) -> None:
-        """The one backward call: ``e``, the head's gradients, and every block's signal from
-        ``source`` (see the module docstring)."""
-        record.delivery.source = source
-        loss.backward()
+        Without links (the first step) the signals are made from ``e`` first (:meth:`deliver_signals`).
+        """
+        if record.linked:
+            loss.backward()
+        else:
+            self.deliver_signals(record, loss, lambda e: self.signals(record, e))
+
+    def signals(self, record: CutPass, e: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every point's signal for the error ``e``: ``B_l e`` (``B_l`` times the delivery's target)."""
+        feedback, projected = self.state["feedback"], e if record.delivery.target is None else record.delivery.target
+        return {name: project(feedback[name], projected.to(feedback[name].dtype), shape)
+                for name, shape in record.shapes.items()}
+
+    @staticmethod
+    def deliver_signals(record: CutPass, loss: torch.Tensor,
+                        signals_of: Callable[[torch.Tensor], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """A delivery from a pass without links: ``e`` by backpropagating through the head alone,
+        then one call from the loss, ``error_at`` (with ``e``, for the block before a Head) and every
+        ``h_l`` (with its signal, ``signals_of(e)[name]``). Returns the signals."""
+        (e,) = torch.autograd.grad(loss, record.error_leaf, retain_graph=True)
+        signals = signals_of(e)
+        roots, grads = [loss], [None]
+        if record.error_at.requires_grad:
+            roots.append(record.error_at)
+            grads.append(e.to(record.error_at.dtype))
+        for name, signal in signals.items():
+            h = record.points[name]
+            if h.requires_grad:
+                roots.append(h)
+                grads.append(signal.reshape(h.shape).to(h.dtype))
+        torch.autograd.backward(roots, grads)
+        return signals
 
     # -- calibration ----------------------------------------------------------------------------
     def calibration_due(self) -> bool:
@@ -331,12 +368,13 @@ class DirectFeedback(Method):
         Also fills ``.grad`` as a step would, but changes none of the method's state (no feedback
         update, no step counted): for diagnostics, inside :func:`bpfree.metrics.alignment.sandbox`.
         """
-        record = DirectFeedback.forward_cut(self, x, keep_signals=True)
-        if any(name not in self.state.feedback for name in record.shapes):
+        feedback = self.state["feedback"]
+        if len(feedback) < len(self.points):
             return {}
-        source = self.signal_source(record, y)
-        self.deliver(record, loss_fn(record.output, y), source)
-        return record.delivery.kept
+        record = DirectFeedback.forward_cut(self, x)
+        record.delivery.target = self.link_target(record, y)
+        self.deliver(record, loss_fn(record.output, y))
+        return {name: s.detach() for name, s in self.signals(record, record.delivery.error).items()}
 
     def feedback_matrices(self) -> dict[str, torch.Tensor]:
         return self.state.feedback

@@ -65,12 +65,12 @@ class DKP(DirectFeedback):
             if self.weight_decay < 0:
                 raise OptionError(f"option 'weight_decay' must be non-negative, got {self.weight_decay}")
 
-    keeps_activities = True
+    keeps_points = True
 
     def after_delivery(self, record: CutPass) -> None:
         """One DKP step of every ``B_l`` from this step's ``h_l`` and ``e`` (calibration steps leave
         ``B_l`` as it is)."""
         o, e, feedback = self.options, record.delivery.error, self.state.feedback
         with torch.no_grad():
-            for name, h in record.activities.items():
+            for name, h in record.points.items():
                 feedback[name] = dkp_update(feedback[name], h, e, o.eta, o.weight_decay)

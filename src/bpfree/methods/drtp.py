@@ -5,9 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..feedback.matrices import project
 from . import register
-from .dfa import CutPass, DirectFeedback, SignalSource
+from .dfa import CutPass, DirectFeedback
 
 
 def one_hot_targets(y: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -60,8 +59,6 @@ class DRTP(DirectFeedback):
         """``B_l`` projects the one-hot targets over the model output's ``o`` classes."""
         return record.output
 
-    def signal_source(self, record: CutPass, y: torch.Tensor) -> SignalSource:
-        """``source(name, e) = B_l y* / N`` (``y*`` from the labels ``y``, checked once; ``e`` unused)."""
-        target = one_hot_targets(y, record.output)
-        feedback = self.state.feedback
-        return lambda name, e: project(feedback[name], target.to(feedback[name].dtype), (-1,))
+    def link_target(self, record: CutPass, y: torch.Tensor) -> torch.Tensor:
+        """``y* / N`` from the labels ``y`` (checked here, before the loss): the links project it."""
+        return one_hot_targets(y, record.output)

@@ -168,15 +168,15 @@ class ForwardGradientActivity(DirectFeedback):
                     est[name] = contrib if name not in est else est[name] + contrib
         return est
 
+    # fg-activity has no B_l, so its passes have no links: the estimates enter as gradients of h_l
+
     def step(self, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) -> StepResult:
         """Cut forward; ``e`` by backpropagating the loss through the head alone; the estimates
         ``g_l``; then one backward call that gives the head its gradients and each block its ``g_l``."""
-        self.state.steps += 1
+        self.state["steps"] += 1
         record = self.forward_cut(x)
         loss = loss_fn(record.output, y)
-        (e,) = torch.autograd.grad(loss, record.error_at, retain_graph=True)
-        estimates = self.estimate(x, e)
-        self.deliver(record, loss, lambda name, e: estimates[name])
+        self.deliver_signals(record, loss, lambda e: self.estimate(x, e))
         return StepResult(loss.detach(), record.output.detach())
 
     def on_epoch_end(self, epoch: int) -> None:
@@ -189,11 +189,8 @@ class ForwardGradientActivity(DirectFeedback):
         """
         saved = self.state_dict()
         try:
-            record = self.forward_cut(x, keep_signals=True)
-            loss = loss_fn(record.output, y)
-            (e,) = torch.autograd.grad(loss, record.error_at, retain_graph=True)
-            estimates = self.estimate(x, e)
-            self.deliver(record, loss, lambda name, e: estimates[name])
+            record = self.forward_cut(x)
+            estimates = self.deliver_signals(record, loss_fn(record.output, y), lambda e: self.estimate(x, e))
         finally:
             self.load_state_dict(saved)
-        return record.delivery.kept
+        return {name: g.detach() for name, g in estimates.items()}

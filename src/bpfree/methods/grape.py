@@ -174,18 +174,15 @@ class GrAPE(DirectFeedback):
         o = self.options
         renorm = None if o.renorm == "auto" else o.renorm
         for name in estimates:
-            B = feedback[name]
-            if not B.t().is_contiguous():
-                # B_l (n_l, o) is stored in the memory layout of Jbar_l^T (o rows of n_l), so the
-                # rules' elementwise ops and row sums see two tensors of one layout, with no copy
-                B = feedback[name] = B.t().contiguous().t()
+            B = feedback[name]  # (n_l, o), stored in the memory layout of Jbar_l^T (o rows of n_l)
             if name not in norm0:
                 norm0[name] = float(B.norm())
             G = jacobian.mean[name].t()  # (n_l, o), a view
-            B.copy_(update_feedback(  # in place: B_l keeps its storage from step to step
-                B, G, rule=o.rule, eta=o.eta, norm0=norm0[name], noise=o.noise, renorm=renorm,
-                generator=self.state.generator.on(B.device),
-            ))
+            new = update_feedback(B, G, rule=o.rule, eta=o.eta, norm0=norm0[name], noise=o.noise, renorm=renorm,
+                                  generator=self.state["generator"].on(B.device))
+            # in place, and without a version bump: this step's link z_l = h_l B_l reads B_l when the
+            # delivery runs, so the signals use the updated B_l (B_l is a constant to autograd)
+            B.data.copy_(new)
 
     def jacobian_estimates(self) -> dict[str, torch.Tensor]:
         return self.state.jacobian.mean
