@@ -253,7 +253,8 @@ def test_peak_step_memory_is_bps(method):
     # Both end a step holding the same gradients; BP holds one block's intermediate gradient at
     # a time, and so must the direct-feedback delivery (no signal, no h_l kept past its block).
     # What DFA must keep besides is the output error e (batch x o floats) for every block's
-    # signal, and the 0-d root each signal enters through. GrAPE's estimate pass runs before any
+    # signal (the links z_l = h_l B_l, batch x o each, are let go after the forward pass, before
+    # the peak). GrAPE's estimate pass runs before any
     # gradient exists, so it adds nothing at the peak; its state (B_l, Jbar_l) predates the step.
     x = torch.randn(64, 20)
     y = torch.randint(0, 10, (64,))
