@@ -211,6 +211,7 @@ class DirectFeedback(Method):
         delivery = Delivery()
         shapes: dict[str, torch.Size] = {}
         linked = len(self.state["feedback"]) == len(self.points)  # else the first step: no B_l yet
+        autocast = torch.is_autocast_enabled(x.device.type)
         points = {} if self.keeps_points or not linked else None
         tangents: dict[str, torch.Tensor] | None = {} if draw is not None else None
         links: list[torch.Tensor] = []
@@ -233,7 +234,7 @@ class DirectFeedback(Method):
             if points is not None:
                 points[name] = h
             if linked and h.requires_grad:
-                links.append(self.link(name, h))
+                links.append(self.link(name, h, autocast))
             if draw is None:
                 return h.detach()
             d = tangents[name] = draw(h)
@@ -251,19 +252,23 @@ class DirectFeedback(Method):
         return CutPass(out, error_at, shapes, delivery, linked, points, tangents,
                        None if u is None else u.detach(), estimator, leaves[0] if leaves else None)
 
-    def link(self, name: str, h: torch.Tensor) -> torch.Tensor:
+    def link(self, name: str, h: torch.Tensor, autocast: bool) -> torch.Tensor:
         """``z_l = h_l B_l``: the node whose backward turns the tap's ``e`` into ``e B_l^T``.
 
-        It is made in ``B_l``'s dtype (float32), also under autocast, and autograd casts the signal
-        back to ``h_l``'s dtype, so the projection keeps full precision.
+        It is made in ``B_l``'s dtype (float32), also under autocast (``autocast``: the pass runs
+        under it), and autograd casts the signal back to ``h_l``'s dtype, so the projection keeps
+        full precision.
         """
         B = self.state["feedback"][name]
+        if h.dim() == 2 and h.dtype == B.dtype and not autocast and B.device == h.device:
+            if h.shape[1] == B.shape[0]:
+                return h @ B  # the common case, kept lean: this runs at every point of every step
         flat = flat_point(h, B.shape[0])
         if B.device != h.device:
             B = self.state["feedback"][name] = B.to(h.device)
         if flat.dtype != B.dtype:
             flat = flat.to(B.dtype)
-        if torch.is_autocast_enabled(h.device.type):
+        if autocast:
             with torch.autocast(h.device.type, enabled=False):
                 return flat @ B
         return flat @ B
