@@ -385,3 +385,29 @@ def test_probe_signals_are_the_signals_a_step_delivers(blobs):
     for name, B in m.state.feedback.items():
         torch.testing.assert_close(signals[name], e @ B.t(), rtol=1e-6, atol=1e-8)
     assert m.state.steps == state["steps"]
+
+
+def test_under_autocast_the_signal_is_projected_in_float32():
+    # h_l and e are bfloat16 under autocast; the link multiplies by B_l in float32, so the signal
+    # block l receives is (e B_l^T computed in float32) rounded once to bfloat16, not a bfloat16
+    # product of a rounded B_l.
+    torch.manual_seed(0)
+    model = one_hidden()
+    dfa = bpfree.methods.create("dfa", model)
+    x, y = torch.randn(9, 7), torch.randint(0, 3, (9,))
+    dfa.step(x, y, F.cross_entropy)  # B_l exists from here on
+    seen = {}
+    point = model[2]
+    def watch(mod, args, out):  # the gradient h_l receives is the signal of its block
+        args[0].register_hook(lambda g: seen.setdefault("signal", g))
+
+    handle = point.register_forward_hook(watch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        record = dfa.forward_cut(x)
+        dfa.deliver(record, F.cross_entropy(record.output, y))
+    handle.remove()
+    e, B = record.delivery.error, dfa.state.feedback["2"]
+    assert e.dtype == torch.bfloat16 and seen["signal"].dtype == torch.bfloat16
+    want = (e.float() @ B.t()).to(torch.bfloat16)
+    torch.testing.assert_close(seen["signal"], want, rtol=0, atol=0)
+    assert not torch.equal(want, e @ B.t().to(torch.bfloat16))  # the test can tell the two apart

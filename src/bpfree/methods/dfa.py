@@ -82,6 +82,26 @@ class _ErrorTap(torch.autograd.Function):
                                  for shape, dtype in ctx.metas)
 
 
+class _Float32Link(torch.autograd.Function):
+    """The link under autocast: ``h_l B_l`` whose backward projects in float32 and casts once.
+
+    Autograd runs a backward op under the autocast state of the ``backward()`` call, so inside
+    autocast a plain ``h @ B`` link would project ``e`` in bfloat16; this one turns autocast off
+    for its product. The forward value is not used (only its shape), so it is left empty.
+    """
+
+    @staticmethod
+    def forward(ctx, flat: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        ctx.B, ctx.dtype = B, flat.dtype  # B read when the backward runs, as the plain link does
+        return flat.new_empty(flat.shape[:-1] + (B.shape[1],), dtype=B.dtype)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        with torch.autocast(g.device.type, enabled=False):
+            signal = g.to(ctx.B.dtype) @ ctx.B.t()
+        return signal.to(ctx.dtype), None
+
+
 @dataclass
 class CutPass:
     """The record of one forward pass with the graph cut at every feedback point.
@@ -255,9 +275,9 @@ class DirectFeedback(Method):
     def link(self, name: str, h: torch.Tensor, autocast: bool) -> torch.Tensor:
         """``z_l = h_l B_l``: the node whose backward turns the tap's ``e`` into ``e B_l^T``.
 
-        It is made in ``B_l``'s dtype (float32), also under autocast (``autocast``: the pass runs
-        under it), and autograd casts the signal back to ``h_l``'s dtype, so the projection keeps
-        full precision.
+        It is made in ``B_l``'s dtype (float32) and autograd casts the signal back to ``h_l``'s
+        dtype, so the projection keeps full precision; under autocast (``autocast``: the pass runs
+        under it) that takes :class:`_Float32Link`.
         """
         B = self.state["feedback"][name]
         if h.dim() == 2 and h.dtype == B.dtype and not autocast and B.device == h.device:
@@ -266,12 +286,9 @@ class DirectFeedback(Method):
         flat = flat_point(h, B.shape[0])
         if B.device != h.device:
             B = self.state["feedback"][name] = B.to(h.device)
-        if flat.dtype != B.dtype:
-            flat = flat.to(B.dtype)
         if autocast:
-            with torch.autocast(h.device.type, enabled=False):
-                return flat @ B
-        return flat @ B
+            return _Float32Link.apply(flat, B)
+        return (flat if flat.dtype == B.dtype else flat.to(B.dtype)) @ B
 
     def ensure_feedback(self, record: CutPass) -> None:
         """Create ``B_l`` (``(n_l, o)``) for points seen for the first time (the first step).
