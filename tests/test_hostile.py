@@ -328,13 +328,33 @@ def test_failed_resume_with_bad_input_loses_nothing(run_dir, argv, words):
     assert snapshot(run_dir) == before
 
 
+class _Marker:
+    """A pickle whose loading would create a marker file: what a hostile checkpoint would do."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def _write_with_hash(obj, path):
+    """``torch.save(obj)`` at ``path`` with a matching ``.sha256``: a file whose hash cannot give it away."""
+    import hashlib
+
+    torch.save(obj, path)
+    (path.parent / (path.name + ".sha256")).write_text(hashlib.sha256(path.read_bytes()).hexdigest() + "\n")
+
+
 @pytest.mark.parametrize("damage,words", [
     ("config-junk", ["not valid TOML"]),
     ("config-changed", ["different configuration", "run.lr"]),
     ("config-unknown-key", ["unknown option"]),
-    ("checkpoint-truncated", ["cannot be read", "corrupt"]),
-    ("checkpoint-garbage", ["cannot be read"]),
-    ("checkpoint-foreign", ["not a bpfree checkpoint"]),
+    ("checkpoint-truncated", ["damaged", "sha256"]),
+    ("checkpoint-garbage", ["damaged", "sha256"]),
+    ("checkpoint-hash-wrong", ["damaged", "sha256"]),
+    ("checkpoint-foreign", ["not written by bpfree", "--trust-checkpoint"]),
+    ("checkpoint-foreign-hashed", ["not a bpfree checkpoint"]),
 ])
 def test_resume_of_a_damaged_run_dir_fails_clearly_and_keeps_the_checkpoint(run_dir, tmp_path, damage, words):
     import shutil
@@ -342,6 +362,7 @@ def test_resume_of_a_damaged_run_dir_fails_clearly_and_keeps_the_checkpoint(run_
     out = tmp_path / "copy"
     shutil.copytree(run_dir, out)
     config, ck = out / "config.toml", out / "checkpoint.pt"
+    digest = out / "checkpoint.pt.sha256"
     if damage == "config-junk":
         config.write_text("[run\nlr = = 3")
     elif damage == "config-changed":
@@ -352,12 +373,55 @@ def test_resume_of_a_damaged_run_dir_fails_clearly_and_keeps_the_checkpoint(run_
         ck.write_bytes(ck.read_bytes()[:1000])
     elif damage == "checkpoint-garbage":
         ck.write_bytes(b"\x00garbage" * 100)
-    else:
+    elif damage == "checkpoint-hash-wrong":
+        digest.write_text("0" * 64 + "\n")
+    elif damage == "checkpoint-foreign":  # someone else's file, no hash beside it
         torch.save({"weights": torch.ones(3)}, ck)
+        digest.unlink()
+    else:  # a plain tensor dict with a matching hash: loads safely, but is no run's checkpoint
+        _write_with_hash({"weights": torch.ones(3)}, ck)
     before = snapshot(out)
     rc, _, err = run_cli("train", "--resume", out, "--no-progress")
     assert_one_line_error(rc, err, *words)
     assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("hashed", [False, True])
+def test_a_checkpoint_that_would_run_code_is_refused_and_runs_none(run_dir, tmp_path, hashed):
+    # The pickle's __reduce__ would create a file when unpickled. Without a hash it is foreign and
+    # never unpickled; with a matching hash the safe load refuses to build it. Either way: a clear
+    # one-line error that names the way out, and the marker file never appears.
+    import shutil
+
+    out, marker = tmp_path / "copy", tmp_path / "pwned"
+    shutil.copytree(run_dir, out)
+    payload = torch.load(out / "checkpoint.pt", weights_only=True)
+    payload["state"]["hostile"] = _Marker(marker)
+    if hashed:
+        _write_with_hash(payload, out / "checkpoint.pt")
+    else:
+        torch.save(payload, out / "checkpoint.pt")
+        (out / "checkpoint.pt.sha256").unlink()
+    before = snapshot(out)
+    rc, _, err = run_cli("train", "--resume", out, "--no-progress")
+    words = ["refuses", "--trust-checkpoint"] if hashed else ["not written by bpfree", "--trust-checkpoint"]
+    assert_one_line_error(rc, err, *words)
+    assert not marker.exists()
+    assert snapshot(out) == before
+
+
+def test_trust_checkpoint_resumes_a_checkpoint_without_a_hash(run_dir, tmp_path):
+    # A checkpoint from before checkpoints carried a hash: refused by default, resumed with the flag.
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(run_dir, out)
+    (out / "checkpoint.pt.sha256").unlink()
+    assert_one_line_error(*run_cli("train", "--resume", out, "--no-progress")[::2], "not written by bpfree")
+    rc, _, err = run_cli("train", "--resume", out, "--no-progress", "--trust-checkpoint")
+    assert rc == 0, err
+    assert_one_line_error(*run_cli("train", "--method", "bp", "--trust-checkpoint", *COMMON)[::2],
+                          "--trust-checkpoint goes with --resume")
 
 
 def test_fresh_train_into_an_existing_run_is_refused(run_dir):

@@ -145,7 +145,7 @@ def test_disk_full_mid_run_keeps_the_previous_checkpoint_and_resumes_exactly(tmp
     c = cfg(method="dfa", checkpoint_every=3)
     full = Run(c, tmp_path / "full", progress=False)
     full.fit()
-    real, calls = rundir.save_torch, [0]
+    real, calls = rundir.save_checkpoint, [0]
 
     def save(obj, path):
         calls[0] += 1
@@ -153,10 +153,10 @@ def test_disk_full_mid_run_keeps_the_previous_checkpoint_and_resumes_exactly(tmp
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         return real(obj, path)
 
-    monkeypatch.setattr(rundir, "save_torch", save)
+    monkeypatch.setattr(rundir, "save_checkpoint", save)
     with pytest.raises(TrainingError, match="cannot write the checkpoint .*No space left on device.*previous checkpoint is intact"):
         train(c, tmp_path / "part", progress=False)
-    monkeypatch.setattr(rundir, "save_torch", real)
+    monkeypatch.setattr(rundir, "save_checkpoint", real)
     assert torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=False)["state"]["global_step"] == 6
     resume(tmp_path / "part", progress=False)
     assert_bit_identical(weights(tmp_path / "part"), weights(tmp_path / "full"))

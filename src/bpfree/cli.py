@@ -69,7 +69,8 @@ def _default_out(cfg) -> Path:
     return Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{r.method}-{r.model}-{r.dataset}"
 
 
-_RESUME_ALLOWED = {"resume", "data_dir", "no_progress", "device", "nproc", "command", "func", "argv"}
+_RESUME_ALLOWED = {"resume", "data_dir", "no_progress", "device", "nproc", "command", "func", "argv",
+                   "trust_checkpoint"}
 
 
 def _parallel_flags(p: argparse.ArgumentParser) -> None:
@@ -160,12 +161,14 @@ def cmd_train(args) -> int:
                               f"(only --device, --nproc, --data-dir and --no-progress go with it)")
         device = args.device or _saved_device(args.resume)
     else:
+        if args.trust_checkpoint:
+            raise OptionError("--trust-checkpoint goes with --resume DIR: it says how to load DIR's checkpoint")
         cfg = _config(args, args.method)
         device = cfg.run.device
     with distributed.from_environment(device) as workers:
         if args.resume:
             summary = resume(args.resume, data_dir=args.data_dir, progress=not args.no_progress,
-                             device=args.device, workers=workers)
+                             device=args.device, workers=workers, trust_checkpoint=args.trust_checkpoint)
             out = args.resume
         else:
             out = workers.broadcast(args.out or _default_out(cfg))
@@ -359,6 +362,10 @@ def build_parser() -> argparse.ArgumentParser:
     _option_flags(p, "method")
     p.add_argument("--out", type=Path, help="run directory (default runs/<time>-<method>-<model>-<dataset>)")
     p.add_argument("--resume", type=Path, metavar="DIR", help="continue the interrupted run in DIR")
+    p.add_argument("--trust-checkpoint", action="store_true", dest="trust_checkpoint",
+                   help="with --resume: load DIR's checkpoint without checking its sha256 and with full "
+                        "unpickling, which can run code: only for a checkpoint you trust (e.g. one from a "
+                        "version before checkpoints carried a hash)")
     _run_flags(p)
     _parallel_flags(p)
     p.set_defaults(func=cmd_train)

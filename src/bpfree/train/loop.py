@@ -51,11 +51,12 @@ class Run:
     """
 
     def __init__(self, cfg: RunConfig, out: Path, *, data_dir: Path | None = None, progress: bool = True,
-                 workers: Workers | None = None, overwrite: bool = False) -> None:
+                 workers: Workers | None = None, overwrite: bool = False, trust_checkpoint: bool = False) -> None:
         self.cfg, self.out = cfg, Path(out)
         self.workers = W = workers or Workers.current()
         self.progress = progress and W.is_root
         self.overwrite = overwrite
+        self.trust_checkpoint = trust_checkpoint
         r = cfg.run
         self.device = resolve_device(r.device, W)
         with as_training_error():
@@ -124,7 +125,7 @@ class Run:
 
     def load_checkpoint(self) -> None:
         W = self.workers
-        ck = to_device(W.on_root(rundir.read_checkpoint, self.out, self.cfg), self.device)
+        ck = to_device(W.on_root(rundir.read_checkpoint, self.out, self.cfg, self.trust_checkpoint), self.device)
         try:
             self.model.load_state_dict(ck["model"])
             self.optimizer.load_state_dict(ck["optimizer"])
@@ -271,17 +272,15 @@ class Run:
 
 def train(cfg: RunConfig, out: str | os.PathLike, *, data_dir: Path | None = None, progress: bool = True,
           workers: Workers | None = None, overwrite: bool = False) -> dict[str, Any]:
-    """Train from scratch into ``out``; returns the summary.
-
-    ``out`` must not hold a run already, unless ``overwrite``. Under an initialised
-    ``torch.distributed`` group (or with ``workers``) every rank calls this with the same arguments.
-    """
+    """Train from scratch into ``out`` (which must not hold a run already, unless ``overwrite``);
+    returns the summary. Under a process group (or ``workers``) every rank calls it alike."""
     return Run(cfg, Path(out), data_dir=data_dir, progress=progress, workers=workers, overwrite=overwrite).fit(resume=False)
 
 
 def resume(out: str | os.PathLike, *, data_dir: Path | None = None, progress: bool = True,
-           device: str | None = None, workers: Workers | None = None) -> dict[str, Any]:
-    """Continue the run in ``out`` from its last checkpoint; returns the summary.
+           device: str | None = None, workers: Workers | None = None, trust_checkpoint: bool = False) -> dict[str, Any]:
+    """Continue the run in ``out`` from its last checkpoint (checked against its sha256 and loaded
+    without running code, unless ``trust_checkpoint``: see ``train.checkpoint``); returns the summary.
 
     ``device`` runs it elsewhere than its configuration says (cpu, cuda...): the device is where a
     run computes, not what it computes, so the checkpoint still fits. Any number of processes
@@ -294,5 +293,6 @@ def resume(out: str | os.PathLike, *, data_dir: Path | None = None, progress: bo
     if device is not None:
         cfg.run.device = device
     # without a checkpoint the run had not finished its first one: start it again in place
-    run = Run(cfg, out, data_dir=data_dir, progress=progress, workers=W, overwrite=not has_checkpoint)
+    run = Run(cfg, out, data_dir=data_dir, progress=progress, workers=W, overwrite=not has_checkpoint,
+              trust_checkpoint=trust_checkpoint)
     return run.fit(resume=has_checkpoint)

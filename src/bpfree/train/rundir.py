@@ -24,12 +24,12 @@ from typing import Any
 import torch
 
 from ..options import OptionError
-from .checkpoint import load_torch, save_json, save_text, save_torch
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint, save_json, save_text
 from .config import RunConfig, dumps_toml, load_toml, resolve
 from .errors import TrainingError
 
 #: Files the loop writes in a run directory (their temporary copies start with ``.NAME.``).
-RUN_FILES = ("config.toml", "metrics.jsonl", "checkpoint.pt", "summary.json")
+RUN_FILES = ("config.toml", "metrics.jsonl", "checkpoint.pt", "checkpoint.pt.sha256", "summary.json")
 #: Free space required beyond the estimated checkpoint size.
 SPACE_MARGIN_BYTES = 16 * 2**20
 
@@ -109,7 +109,7 @@ def prepare(out: Path, cfg: RunConfig, *, resume: bool, overwrite: bool, checkpo
                 f"{out} already holds a run ({', '.join(existing)}): continue it with --resume {out}, "
                 f"or choose another --out, or pass --overwrite to replace it"
             )
-        for n in ("checkpoint.pt", "summary.json"):
+        for n in ("checkpoint.pt", "checkpoint.pt.sha256", "summary.json"):
             (out / n).unlink(missing_ok=True)
     check_free_space(out, checkpoint_bytes)
     if not resume:
@@ -126,7 +126,7 @@ def read_config(out: Path) -> tuple[dict[str, Any], bool]:
 
 def write_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     try:
-        save_torch(payload, path)
+        save_checkpoint(payload, path)
     except OSError as err:
         raise TrainingError(
             f"cannot write the checkpoint {path}: {err.strerror or err}; the previous checkpoint is intact"
@@ -148,10 +148,16 @@ def _without_device(cfg: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]
     return out
 
 
-def read_checkpoint(out: Path, cfg: RunConfig) -> dict[str, Any]:
-    """Rank 0: the checkpoint, checked against ``cfg``; ``metrics.jsonl`` cut back to it."""
+def read_checkpoint(out: Path, cfg: RunConfig, trust: bool = False) -> dict[str, Any]:
+    """Rank 0: the checkpoint, checked against ``cfg``; ``metrics.jsonl`` cut back to it.
+
+    ``trust``: see :func:`bpfree.train.checkpoint.load_checkpoint`.
+    """
     path = out / "checkpoint.pt"
-    ck = load_torch(path, map_location="cpu")
+    try:
+        ck = load_checkpoint(path, map_location="cpu", trust=trust)
+    except CheckpointError as err:
+        raise TrainingError(str(err)) from err.__cause__
     needed = {"config", "state", "model", "optimizer", "method"}
     if not isinstance(ck, dict) or not needed <= set(ck):
         raise TrainingError(f"{path} is not a bpfree checkpoint")
