@@ -87,6 +87,7 @@ def sample_jacobians(
     names: dict[int, str],
     generator: torch.Generator,
     only: str | None = None,
+    points: list[FeedbackPoint] | None = None,
 ) -> dict[str, torch.Tensor]:
     """One forward-mode estimate ``J~_l`` of shape ``(o, n_l)`` for every point (or only ``only``).
 
@@ -108,7 +109,7 @@ def sample_jacobians(
         primal, tangent = fwAD.unpack_dual(h)
         return fwAD.make_dual(primal, d if tangent is None else tangent + d)
 
-    with torch.no_grad(), fwAD.dual_level(), handled(model, inject), preserved_buffers(model):
+    with torch.no_grad(), fwAD.dual_level(), handled(model, inject, points), preserved_buffers(model):
         u = _output_tangent(model, x)
     if u is None:
         raise RuntimeError("the model output does not depend on any feedback point")
@@ -249,7 +250,8 @@ def per_sample_forward(model: nn.Module) -> bool:
 
 
 def _perturbed_pass(model: nn.Module, x: torch.Tensor, names: dict[int, str], generator: torch.Generator,
-                    signs: tuple[float, ...]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                    signs: tuple[float, ...], points: list[FeedbackPoint] | None = None,
+                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One primal pass over ``len(signs)`` stacked copies of ``x`` (``(k, ...)``); copy ``j`` gets
     ``signs[j] * d_l`` added at every point, ``d_l ~ N(0, I)`` of shape ``(k, ...)``.
 
@@ -270,7 +272,7 @@ def _perturbed_pass(model: nn.Module, x: torch.Tensor, names: dict[int, str], ge
 
     batch = torch.cat([x] * len(signs)) if len(signs) > 1 else x
     with torch.no_grad(), torch.autocast(device_type=x.device.type, enabled=False), \
-            handled(model, perturb), preserved_buffers(model):
+            handled(model, perturb, points), preserved_buffers(model):
         try:
             y = model(batch)
         except _HeadReached as stop:
@@ -284,6 +286,7 @@ def central_difference_jacobians(
     names: dict[int, str],
     generator: torch.Generator,
     step: float = 1e-2,
+    points: list[FeedbackPoint] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The activity-perturbation estimate with ``u`` from one fused primal pass, no forward AD.
 
@@ -295,7 +298,7 @@ def central_difference_jacobians(
     products (PyTorch's forward-mode ``addmm`` also multiplies the weights' zero tangents).
     """
     k = x.shape[0]
-    y, tangents = _perturbed_pass(model, x, names, generator, (step, -step))
+    y, tangents = _perturbed_pass(model, x, names, generator, (step, -step), points)
     u = (y[:k] - y[k:]) / (2 * step)
     return {name: outer_mean(u, d) for name, d in tangents.items()}
 
@@ -307,6 +310,7 @@ def onesided_difference_jacobians(
     generator: torch.Generator,
     reference: torch.Tensor,
     step: float = 1e-2,
+    points: list[FeedbackPoint] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The activity-perturbation estimate from one primal pass over ``x`` alone, against ``reference``.
 
@@ -318,6 +322,6 @@ def onesided_difference_jacobians(
     the rows. Valid only when each sample's output depends on that sample alone and
     deterministically (:func:`per_sample_forward`), or the reference does not match the pass.
     """
-    y, tangents = _perturbed_pass(model, x, names, generator, (step,))
+    y, tangents = _perturbed_pass(model, x, names, generator, (step,), points)
     u = (y - reference.float()) / step
     return {name: outer_mean(u, d) for name, d in tangents.items()}

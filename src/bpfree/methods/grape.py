@@ -132,7 +132,7 @@ class GrAPE(DirectFeedback):
         ``train-pass``: tangents ride along the training forward pass over the whole batch;
         ``perturb=weight``: one forward-mode pass per block with tangents on its weights.
         """
-        o, model, names, k = self.options, self.model, self.names, self.options.samples
+        o, model, names, k, markers = self.options, self.model, self.names, self.options.samples, self.markers
         g = self.state.generator.on(device)
         if o.perturb == "weight":
             def weight(x: torch.Tensor, record: CutPass) -> dict[str, torch.Tensor]:
@@ -150,16 +150,16 @@ class GrAPE(DirectFeedback):
             return Estimator(carried, draw)
         scheme = self.tangent_scheme(device)
         if scheme == "central":
-            return Estimator(lambda x, record: central_difference_jacobians(model, x[:k], names, g, o.fd_step))
+            return Estimator(lambda x, record: central_difference_jacobians(model, x[:k], names, g, o.fd_step, markers))
         if scheme == "onesided":
             if torch.is_autocast_enabled(device.type):
                 raise RuntimeError("tangents=onesided compares float32 outputs; under autocast (amp) use "
                                    "tangents=central or forward")
             return Estimator(lambda x, record: onesided_difference_jacobians(
-                model, x[:k], names, g, record.error_at[:k].detach(), o.fd_step))
+                model, x[:k], names, g, record.error_at[:k].detach(), o.fd_step, markers))
         if o.points == "joint":
-            return Estimator(lambda x, record: sample_jacobians(model, x[:k], names, g))
-        return Estimator(lambda x, record: {name: sample_jacobians(model, x[:k], names, g, only=name)[name]
+            return Estimator(lambda x, record: sample_jacobians(model, x[:k], names, g, points=markers))
+        return Estimator(lambda x, record: {name: sample_jacobians(model, x[:k], names, g, only=name, points=markers)[name]
                                             for name, _ in self.points})
 
     def before_delivery(self, record: CutPass, x: torch.Tensor) -> None:
