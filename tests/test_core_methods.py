@@ -411,3 +411,31 @@ def test_under_autocast_the_signal_is_projected_in_float32():
     want = (e.float() @ B.t()).to(torch.bfloat16)
     torch.testing.assert_close(seen["signal"], want, rtol=0, atol=0)
     assert not torch.equal(want, e @ B.t().to(torch.bfloat16))  # the test can tell the two apart
+
+
+def test_a_generator_state_from_another_device_reseeds_with_a_warning():
+    # A CUDA generator state (16 bytes: seed and offset) cannot drive a CPU generator (5056 bytes of
+    # Mersenne-twister state) or the reverse. Resuming on the other kind of device draws from the
+    # documented seed derived from the saved bytes, the same on every resume, and says so.
+    from bpfree.methods.base import reseed_from
+
+    foreign = torch.arange(16, dtype=torch.uint8)  # the shape of a CUDA generator's state
+    expected = torch.randn(5, generator=torch.Generator().manual_seed(reseed_from(foreign)))
+    for _ in range(2):
+        g = MethodGenerator(3)
+        g.load_state_dict(foreign)
+        with pytest.warns(RuntimeWarning, match="another kind of device.*reseeded"):
+            drawn = torch.randn(5, generator=g.on("cpu"))
+        torch.testing.assert_close(drawn, expected, rtol=0, atol=0)
+    # a state of the right kind still continues the stream exactly, without a warning
+    a = MethodGenerator(3)
+    torch.randn(4, generator=a.on("cpu"))
+    b = MethodGenerator(3)
+    b.load_state_dict(a.state_dict())
+    import warnings as w
+    with w.catch_warnings():
+        w.simplefilter("error")
+        torch.testing.assert_close(torch.randn(4, generator=b.on("cpu")), torch.randn(4, generator=a.on("cpu")),
+                                   rtol=0, atol=0)
+    assert reseed_from(foreign) == int.from_bytes(__import__("hashlib").sha256(bytes(range(16))).digest()[:8],
+                                                  "little") & (2**63 - 1)

@@ -18,6 +18,8 @@ Every subclass's ``step`` is wrapped once, when the class is defined, by
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -51,6 +53,12 @@ class MethodGenerator:
     seed when the device changes: CPU and CUDA generator states do not convert). ``state_dict`` /
     ``load_state_dict`` carry its state through the method's state; a state set before first use
     is applied then, so a resumed run draws what an uninterrupted one would.
+
+    A saved state that does not fit the device the run resumes on (a CPU state on CUDA or the
+    reverse: the two kinds of state cannot be converted) cannot continue the same stream. The
+    generator is then seeded with :func:`reseed_from` of the saved state, a seed derived from its
+    bytes, so the resumed run draws a fresh stream that is the same every time it is resumed, and
+    a ``RuntimeWarning`` says so.
     """
 
     def __init__(self, seed: int) -> None:
@@ -64,7 +72,16 @@ class MethodGenerator:
             g = torch.Generator(device=device)
             g.manual_seed(self.seed)
             if self._pending is not None:
-                g.set_state(self._pending)
+                try:
+                    g.set_state(self._pending)
+                except RuntimeError:
+                    seed = reseed_from(self._pending)
+                    warnings.warn(
+                        f"the method's saved random-generator state ({self._pending.numel()} bytes) was made on "
+                        f"another kind of device than {torch.device(device)} and cannot be converted; the "
+                        f"generator is reseeded with {seed}, derived from that state (the run continues "
+                        f"reproducibly, with other random draws than an uninterrupted run)", RuntimeWarning)
+                    g.manual_seed(seed)
                 self._pending = None
             self._generator = g
         return g
@@ -78,6 +95,12 @@ class MethodGenerator:
         self._generator, self._pending = None, None if state is None else state.cpu()
 
     get_state, set_state = state_dict, load_state_dict
+
+
+def reseed_from(state: torch.Tensor) -> int:
+    """A 63-bit seed derived from a generator state's bytes: ``sha256(bytes)``'s first 8 bytes."""
+    digest = hashlib.sha256(bytes(state.cpu().to(torch.uint8).tolist())).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 class MethodState(dict):
