@@ -51,3 +51,33 @@ def test_peak_memory_is_repeatable_and_grows_with_the_optimizer_state():
 
 def _mnist_like(width):
     return bench.configs(["bp"], {}, [f"widths={width}"], {"model": "mlp", "dataset": "mnist", "batch_size": 16})
+
+
+def test_the_bench_steps_under_the_runs_amp_and_reads_its_data_dir(monkeypatch, tmp_path):
+    # amp=bf16 must time what training runs: method.step inside torch.autocast in bfloat16 (the
+    # loss as the loop scales it), and --data-dir must reach the dataset loader.
+    import torch
+
+    from bpfree import methods, tasks
+
+    seen, dirs = [], []
+    real_step = methods.get("bp").step
+
+    def recording_step(self, x, y, loss_fn):
+        seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return real_step(self, x, y, loss_fn)
+
+    real_load = tasks.load
+
+    def recording_load(name, options, data_dir, *args, **kwargs):
+        dirs.append(data_dir)
+        return real_load(name, options, data_dir, *args, **kwargs)
+
+    monkeypatch.setattr(methods.get("bp"), "step", recording_step)
+    monkeypatch.setattr(tasks, "load", recording_load)
+    for amp, expect in (("bf16", (True, torch.bfloat16)), ("none", (False,))):
+        seen.clear()
+        bench.bench(_configs(["bp"], [f"amp={amp}"]), repeats=2, warmup=1, memory=False, progress=False,
+                    data_dir=tmp_path)
+        assert seen and all(s[: len(expect)] == expect for s in seen), (amp, seen)
+    assert dirs and all(d == tmp_path for d in dirs)

@@ -31,6 +31,7 @@ import torch
 
 from . import methods, models, tasks
 from .train.config import RunConfig, resolve
+from .train.precision import Precision
 from .train.setup import make_optimizer, resolve_device
 
 
@@ -40,22 +41,26 @@ class Contender:
     model: torch.nn.Module
     method: object
     optimizer: torch.optim.Optimizer
+    precision: Precision  # run option amp, as the training loop applies it
 
 
 def build(cfg: RunConfig, task, device) -> Contender:
     torch.manual_seed(cfg.run.seed)
     model = models.create(cfg.run.model, task.input_shape, task.num_classes, **cfg.model).to(device)
     method = methods.create(cfg.run.method, model, **cfg.method)
-    return Contender(cfg.run.method, model, method, make_optimizer(cfg.run, model.parameters()))
+    return Contender(cfg.run.method, model, method, make_optimizer(cfg.run, model.parameters()),
+                     Precision(cfg.run.amp, device, method))
 
 
 def one_step(c: Contender, task, x, y, device) -> float:
+    """Seconds of ``zero_grad + method.step + optimizer.step``, under the run's ``amp`` as in training."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t0 = time.perf_counter()
     c.optimizer.zero_grad(set_to_none=True)
-    c.method.step(x, y, task.loss_fn)
-    c.optimizer.step()
+    with c.precision.autocast():
+        c.method.step(x, y, c.precision.loss_fn(task.loss_fn))
+    c.precision.step(c.optimizer)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - t0
@@ -68,18 +73,19 @@ def configs(names: list[str], base: dict, sets: list[str], overrides: dict) -> l
             for n in names]
 
 
-def load_task(cfg: RunConfig, device):
+def load_task(cfg: RunConfig, device, data_dir: str | os.PathLike | None = None):
     r = cfg.run
-    return tasks.load(r.dataset, cfg.data, None, max(r.batch_size * 4, r.limit_train), r.batch_size).to(device)
+    return tasks.load(r.dataset, cfg.data, data_dir, max(r.batch_size * 4, r.limit_train), r.batch_size).to(device)
 
 
 def time_methods(cfgs: list[RunConfig], repeats: int = 20, warmup: int = 5, progress: bool = True,
-                 group: int | None = None) -> tuple[dict[str, list[float]], int]:
+                 group: int | None = None, data_dir: str | os.PathLike | None = None,
+                 ) -> tuple[dict[str, list[float]], int]:
     """Per-step seconds of every config's method, ``repeats`` samples each (each the mean over
     ``group`` consecutive steps; default: the longest method period, at most 10), alternating;
-    and the ``group`` used."""
+    and the ``group`` used. ``data_dir``: the dataset cache (default: the usual one)."""
     device = resolve_device(cfgs[0].run.device)
-    task = load_task(cfgs[0], device)
+    task = load_task(cfgs[0], device, data_dir)
     contenders = [build(c, task, device) for c in cfgs]
     B = cfgs[0].run.batch_size
     nb = task.num_batches(B)
@@ -101,11 +107,11 @@ def time_methods(cfgs: list[RunConfig], repeats: int = 20, warmup: int = 5, prog
     return times, group
 
 
-def peak_memory_mb(cfg: RunConfig, steps: int = 3) -> float:
+def peak_memory_mb(cfg: RunConfig, steps: int = 3, data_dir: str | os.PathLike | None = None) -> float:
     """Peak memory added by ``steps`` training steps of ``cfg``'s method (see module docstring)."""
     device = resolve_device(cfg.run.device)
     if device.type == "cuda":
-        task = load_task(cfg, device)
+        task = load_task(cfg, device, data_dir)
         c = build(cfg, task, device)
         x, y = task.train_batch(0, 0, 0, cfg.run.batch_size)
         torch.cuda.synchronize(device)
@@ -114,7 +120,8 @@ def peak_memory_mb(cfg: RunConfig, steps: int = 3) -> float:
         for _ in range(steps):
             one_step(c, task, x, y, device)
         return (torch.cuda.max_memory_allocated(device) - base) / 2**20
-    payload = json.dumps({"config": cfg.to_dict(), "steps": steps})
+    payload = json.dumps({"config": cfg.to_dict(), "steps": steps,
+                          "data_dir": None if data_dir is None else str(data_dir)})
     code = "import sys, bpfree.bench as b; b._memory_child(sys.argv[1])"
     # glibc's malloc raises its mmap threshold as large blocks are freed and then keeps freed
     # memory in the heap; a fixed threshold returns every large tensor to the system when freed,
@@ -139,7 +146,7 @@ def _memory_child(payload: str) -> None:
     spec = json.loads(payload)
     cfg = resolve(spec["config"])
     device = torch.device("cpu")
-    task = load_task(cfg, device)
+    task = load_task(cfg, device, spec.get("data_dir"))
     x, y = (t.clone() for t in task.train_batch(0, 0, 0, cfg.run.batch_size))
     for key, value in list(vars(task).items()):  # free the dataset, keep what the loss needs
         if isinstance(value, torch.Tensor) and value.numel() > 4 * x.numel():
@@ -162,10 +169,10 @@ def _memory_child(payload: str) -> None:
 
 
 def bench(cfgs: list[RunConfig], repeats: int = 20, warmup: int = 5, memory: bool = True, progress: bool = True,
-          group: int | None = None) -> list[dict]:
+          group: int | None = None, data_dir: str | os.PathLike | None = None) -> list[dict]:
     """Rows ``{method, median_ms, p25_ms, p75_ms, ratio_to_bp, peak_mem_mb}`` (ratio to the first
-    method when ``bp`` is not among them); ``group``: see :func:`time_methods`."""
-    times, group = time_methods(cfgs, repeats, warmup, progress, group)
+    method when ``bp`` is not among them); ``group``, ``data_dir``: see :func:`time_methods`."""
+    times, group = time_methods(cfgs, repeats, warmup, progress, group, data_dir)
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     ref = med.get("bp", next(iter(med.values())))
     rows = []
@@ -175,7 +182,7 @@ def bench(cfgs: list[RunConfig], repeats: int = 20, warmup: int = 5, memory: boo
         rows.append({
             "method": name, "median_ms": round(med[name], 3), "p25_ms": round(q[0] * 1e3, 3),
             "p75_ms": round(q[2] * 1e3, 3), "ratio_to_bp": round(med[name] / ref, 3),
-            "peak_mem_mb": round(peak_memory_mb(cfg), 1) if memory else None,
+            "peak_mem_mb": round(peak_memory_mb(cfg, data_dir=data_dir), 1) if memory else None,
             "steps_per_sample": group,
         })
     return rows

@@ -297,7 +297,7 @@ def cmd_bench(args) -> int:
     if args.group is not None and args.group < 1:
         raise OptionError(f"--group must be at least 1, got {args.group}")
     rows = bench(cfgs, repeats=args.repeats, warmup=args.warmup, memory=not args.no_memory,
-                 progress=not args.no_progress, group=args.group)
+                 progress=not args.no_progress, group=args.group, data_dir=args.data_dir)
     if args.json:
         print(json.dumps(rows, indent=2))
     else:

@@ -82,7 +82,8 @@ def execute(job: Job, state: str, ctx) -> str:
     if q["threads"]:
         torch.set_num_threads(q["threads"])
     try:
-        rows = harness.bench(job.config, repeats=q["repeats"], warmup=q["warmup"], memory=q["memory"], progress=False)
+        rows = harness.bench(job.config, repeats=q["repeats"], warmup=q["warmup"], memory=q["memory"], progress=False,
+                             data_dir=ctx.data_dir)
     finally:
         torch.set_num_threads(before)
     save_result(job, {"rows": rows, "threads": q["threads"] or before, "device": job.config[0].run.device})
