@@ -439,3 +439,71 @@ def test_a_generator_state_from_another_device_reseeds_with_a_warning():
                                    rtol=0, atol=0)
     assert reseed_from(foreign) == int.from_bytes(__import__("hashlib").sha256(bytes(range(16))).digest()[:8],
                                                   "little") & (2**63 - 1)
+
+
+class _PerTokenHeads(nn.Module):
+    """(batch, T, 4) -> point on (batch, T, 2, 3) -> (batch, T, 5): feedback per token over 6 features."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.point, self.b = nn.Linear(4, 6), bpfree.FeedbackPoint(), nn.Linear(6, 5)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x)).reshape(x.shape[0], x.shape[1], 2, 3)
+        return self.b(self.point(h).reshape(x.shape[0], x.shape[1], 6))
+
+
+def _two_steps_same_grads(model, method, x, y, loss_fn):
+    # The first step (no B_l yet: e through the head, then one call with every signal) and the
+    # second (links into the tap) must deliver the same signals with the same B_l: equal .grad.
+    m = bpfree.methods.create(method, model)
+    grads = []
+    for _ in range(2):
+        model.zero_grad()
+        m.step(x, y, loss_fn)
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    return m
+
+
+@pytest.mark.parametrize("method", ["dfa", "drtp"])
+def test_both_deliveries_agree_on_a_per_token_point_with_several_feature_dims(method):
+    torch.manual_seed(0)
+    x, y = torch.randn(3, 7, 4), torch.randint(0, 5, (3, 7))
+    lm = lambda out, t: F.cross_entropy(out.reshape(-1, 5), t.reshape(-1))
+    m = _two_steps_same_grads(_PerTokenHeads(), method, x, y, lm)
+    assert m.state.feedback["point"].shape == (6, 5)  # per token: n_l = 2 * 3
+
+
+def test_a_point_the_forward_pass_skips_leaves_the_others_linked(monkeypatch):
+    # A declared point that this forward pass never visits gets no B_l; the visited ones are still
+    # linked (one backward call per step from the second on) and the diagnostics still probe them.
+    class WithSpare(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net, self.spare = one_hidden(), bpfree.FeedbackPoint()  # spare: never called
+
+        def forward(self, x):
+            return self.net(x)
+
+    model = WithSpare()
+    x, y = torch.randn(9, 7), torch.randint(0, 3, (9,))
+    m = _two_steps_same_grads(model, "dfa", x, y, F.cross_entropy)
+    assert set(m.state.feedback) == {"net.2"}
+    calls = _count_backward_calls(monkeypatch)
+    model.zero_grad()
+    m.step(x, y, F.cross_entropy)
+    assert len(calls) == 1
+    assert set(m.probe_signals(x, y, F.cross_entropy)) == {"net.2"}
+
+
+def test_feedback_for_another_output_width_is_refused_by_name():
+    torch.manual_seed(0)
+    three = bpfree.methods.create("dfa", one_hidden())
+    three.step(torch.randn(4, 7), torch.randint(0, 3, (4,)), F.cross_entropy)
+    four = nn.Sequential(nn.Linear(7, 5), nn.Tanh(), bpfree.FeedbackPoint(), nn.Linear(5, 4))
+    m = bpfree.methods.create("dfa", four)
+    m.load_state_dict(three.state_dict())
+    with pytest.raises(ValueError, match=r"point '2' projects 4 outputs now, but its feedback matrix is \(5, 3\)"):
+        m.step(torch.randn(4, 7), torch.randint(0, 4, (4,)), F.cross_entropy)

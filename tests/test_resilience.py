@@ -297,3 +297,36 @@ def test_corrupt_cached_dataset_is_detected_refetched_and_trains_the_same(tmp_pa
     assert any(str(target) in r.getMessage() for r in caplog.records)
     assert target.read_bytes() == raw["train-images-idx3-ubyte"]
     assert_bit_identical(weights(tmp_path / "a"), weights(tmp_path / "b"))
+
+
+def test_failed_checkpoint_writes_never_unlist_the_checkpoint_in_place(tmp_path, monkeypatch):
+    # However many saves fail (a full disk, a kill during the write) before one succeeds, the
+    # checkpoint still in place keeps its digest in the hash file and loads; the next good save
+    # lists its own digest alone.
+    import hashlib
+
+    from bpfree import atomic
+    from bpfree.train import checkpoint as ck
+
+    path = tmp_path / "checkpoint.pt"
+    ck.save_checkpoint({"step": torch.tensor(1)}, path)
+    real = atomic.atomic_write
+
+    def failing(target, write, **kwargs):
+        if Path(target).name == "checkpoint.pt":
+            check = kwargs.get("check")
+            real(tmp_path / "scratch", write)  # the bytes are written (and hashed) ...
+            if check is not None:
+                check()  # ... their digest is listed ...
+            raise OSError(errno.ENOSPC, "No space left on device")  # ... and the rename never happens
+        return real(target, write, **kwargs)
+
+    monkeypatch.setattr(ck, "atomic_write", failing)
+    for step in range(2, 7):
+        with pytest.raises(OSError):
+            ck.save_checkpoint({"step": torch.tensor(step)}, path)
+        assert int(ck.load_checkpoint(path)["step"]) == 1
+    monkeypatch.setattr(ck, "atomic_write", real)
+    ck.save_checkpoint({"step": torch.tensor(7)}, path)
+    assert (tmp_path / "checkpoint.pt.sha256").read_text().split() == [hashlib.sha256(path.read_bytes()).hexdigest()]
+    assert int(ck.load_checkpoint(path)["step"]) == 7

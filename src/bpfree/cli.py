@@ -158,7 +158,7 @@ def cmd_train(args) -> int:
         if given:
             flags = ", ".join("--" + k.replace("_", "-") for k in given)
             raise OptionError(f"--resume continues {args.resume} with its saved configuration; drop {flags} "
-                              f"(only --device, --nproc, --data-dir and --no-progress go with it)")
+                              f"(only --device, --nproc, --data-dir, --no-progress and --trust-checkpoint go with it)")
         device = args.device or _saved_device(args.resume)
     else:
         if args.trust_checkpoint:
@@ -336,7 +336,7 @@ def cmd_experiment_run(args) -> int:
 
     spec = experiment.find(args.name)
     experiment.run(spec, args.scale, seeds=args.seeds, out=args.out, dry_run=args.dry_run,
-                   progress=not args.no_progress, data_dir=args.data_dir)
+                   progress=not args.no_progress, data_dir=args.data_dir, trust_checkpoints=args.trust_checkpoint)
     return 0
 
 
@@ -418,6 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dry-run", action="store_true", help="list the runs and which are done; train nothing")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
     e.add_argument("--data-dir", type=Path, help="dataset cache (default $BPFREE_DATA or ~/.cache/bpfree)")
+    e.add_argument("--trust-checkpoint", action="store_true", dest="trust_checkpoint",
+                   help="resume interrupted runs without checking their checkpoints' sha256 and with full "
+                        "unpickling, which can run code: only for run folders you trust")
     e.set_defaults(func=cmd_experiment_run)
     e = esub.add_parser("docs", help="write docs/results.md from the results folders")
     e.add_argument("--out", type=Path, default=Path("docs/results.md"), help="Markdown file (default docs/results.md)")

@@ -34,9 +34,11 @@ KIND_MODULES = {"train": train, "toy": toy, "estimate": estimate, "bench": bench
 
 @dataclass
 class Context:
-    """What every job may use: the dataset cache, and data loaded once per call."""
+    """What every job may use: the dataset cache, data loaded once per call, and whether
+    interrupted runs' checkpoints are trusted without their hash and safe-load checks."""
 
     data_dir: Path | None = None
+    trust_checkpoints: bool = False
     cache: dict[str, Any] = field(default_factory=dict)
 
 
@@ -56,7 +58,8 @@ def job_status(spec: Spec, job: Job) -> str:
 
 
 def run(spec: Spec, scale: str, *, seeds: int | None = None, out: str | Path = "results", dry_run: bool = False,
-        progress: bool = True, data_dir: Path | None = None, echo: Callable[[str], None] = print) -> dict[str, Any] | None:
+        progress: bool = True, data_dir: Path | None = None, echo: Callable[[str], None] = print,
+        trust_checkpoints: bool = False) -> dict[str, Any] | None:
     """Run ``spec`` at ``scale`` (see the module docstring); returns the results (``None`` for a dry run)."""
     jobs, n_seeds = plan(spec, scale, seeds, out)
     root = Path(out) / spec.name / scale
@@ -69,7 +72,7 @@ def run(spec: Spec, scale: str, *, seeds: int | None = None, out: str | Path = "
         for job, state in zip(jobs, states):
             echo(f"  {state:7s} {job.label} seed{job.seed}  {job.dir}")
         return None
-    ctx = Context(data_dir=data_dir)
+    ctx = Context(data_dir=data_dir, trust_checkpoints=trust_checkpoints)
     bar = tqdm(total=len(jobs), initial=done, desc=spec.name, disable=not progress, dynamic_ncols=True)
     say = tqdm.write if progress else echo
     finished = done

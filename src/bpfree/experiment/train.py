@@ -141,7 +141,7 @@ def execute(job: Job, state: str, ctx) -> str:
     """Train (or resume) the run; returns one line saying how it ended."""
     try:
         if state == RESUME:
-            s = loop.resume(job.dir, data_dir=ctx.data_dir, progress=False)
+            s = loop.resume(job.dir, data_dir=ctx.data_dir, progress=False, trust_checkpoint=ctx.trust_checkpoints)
         else:
             (job.dir / "error.txt").unlink(missing_ok=True)
             s = loop.train(job.config, job.dir, data_dir=ctx.data_dir, progress=False, overwrite=True)

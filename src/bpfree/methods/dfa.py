@@ -17,13 +17,16 @@ enter an *error tap* on the tensor where ``e`` is taken (``y``, or the input ``z
 :class:`bpfree.Head`), which is the identity in the forward pass. ``loss.backward()`` runs the
 head's backward as BP would; the tap receives ``e = dL/dy``, keeps it in the step's
 :class:`Delivery` and hands it to every link, and each link's own backward turns it into
-``dL/dh_l = e B_l^T``, the DFA signal ``B_l e`` per sample, which flows into block ``l``. So the
-signals are made by autograd itself, with no Python code per point in the backward pass. A link
-is made after its block's forward operations and before the next block's, so autograd (which runs
-the most recently created ready node first) runs each block's backward right after its signal is
-made: every signal exists only while its block needs it, and the peak memory of a step is BP's.
-(On the first step the ``B_l`` are made after the forward pass, so that step has no links: it
-takes ``e`` by backpropagating through the head, then delivers every signal in one call.)
+``dL/dh_l = e B_l^T``, the DFA signal ``B_l e`` per sample, which flows into block ``l``. For up
+to :attr:`DirectFeedback.plain_link_outputs` outputs the link is the plain product, so the signals
+are made by autograd itself, with no Python code per point in the backward pass; for wider outputs
+(a vocabulary) and under autocast it is :class:`_Link`, whose forward is a zero-memory
+placeholder and whose backward makes the same product in float32. A link is made after its
+block's forward operations and before the next block's, so autograd (which runs the most recently
+created ready node first) runs each block's backward right after its signal is made: every signal
+exists only while its block needs it. (On the first step the ``B_l`` are made after the forward
+pass, so that step has no links: ``loss.backward()`` stops at a leaf in place of ``error_at``,
+whose gradient is ``e``, and one more call delivers every signal.)
 The link reads ``B_l`` when the backward pass runs, so a feedback update between the forward pass
 and the delivery (GrAPE) is the one the signals use. Nothing of a step is kept on the method.
 """
@@ -82,24 +85,31 @@ class _ErrorTap(torch.autograd.Function):
                                  for shape, dtype in ctx.metas)
 
 
-class _Float32Link(torch.autograd.Function):
-    """The link under autocast: ``h_l B_l`` whose backward projects in float32 and casts once.
+class _Link(torch.autograd.Function):
+    """The link of one point: a node on ``h_l`` whose backward turns ``e`` into ``e B_l^T``.
 
-    Autograd runs a backward op under the autocast state of the ``backward()`` call, so inside
-    autocast a plain ``h @ B`` link would project ``e`` in bfloat16; this one turns autocast off
-    for its product. The forward value is not used (only its shape), so it is left empty.
+    Its forward value is never used, only its shape ``(batch[, T], o)``: it is a zero-stride
+    placeholder (no memory, no product). Backward projects in ``B_l``'s dtype (float32) with
+    autocast off, reads ``B_l`` as it is when the backward pass runs (so a feedback update between
+    the forward pass and the delivery is the one the signal uses), and casts the signal to
+    ``h_l``'s dtype.
     """
 
     @staticmethod
     def forward(ctx, flat: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-        ctx.B, ctx.dtype = B, flat.dtype  # B read when the backward runs, as the plain link does
-        return flat.new_empty(flat.shape[:-1] + (B.shape[1],), dtype=B.dtype)
+        ctx.B, ctx.dtype = B, flat.dtype
+        return B.new_zeros(()).expand(flat.shape[:-1] + (B.shape[1],))
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
-        with torch.autocast(g.device.type, enabled=False):
-            signal = g.to(ctx.B.dtype) @ ctx.B.t()
-        return signal.to(ctx.dtype), None
+        B = ctx.B
+        g = g if g.dtype == B.dtype else g.to(B.dtype)
+        if torch.is_autocast_enabled(g.device.type):
+            with torch.autocast(g.device.type, enabled=False):
+                signal = g @ B.t()
+        else:
+            signal = g @ B.t()
+        return (signal if signal.dtype == ctx.dtype else signal.to(ctx.dtype)), None
 
 
 @dataclass
@@ -109,7 +119,7 @@ class CutPass:
     ``output``: the model output ``y`` (``(batch, o)`` or ``(batch, T, o)``), in the head's graph;
     ``error_at``: the tensor ``e`` is taken at (``y``, or the Head's input ``z``), so ``e`` has its
     shape; ``shapes``: ``h_l.shape`` per point name, in forward order; ``delivery``: shared with
-    the error tap; ``linked``: whether every ``h_l`` got a link (all ``B_l`` existed). Optional
+    the error tap; ``linked``: whether every visited ``h_l`` got a link (its ``B_l`` existed). Optional
     parts: ``points`` (``h_l`` itself, for methods that set ``keeps_points``, and on a pass
     without links); ``tangents`` (``d_l`` per point) and ``output_tangent`` (``u`` at
     ``error_at``) when the pass carried forward-mode tangents; ``estimator``: the method's Jacobian
@@ -145,12 +155,13 @@ def flat_point(h: torch.Tensor, n: int) -> torch.Tensor:
     """``h_l`` as ``(batch, n_l)``, or ``(batch, T, n_l)`` when the feedback acts per token.
 
     ``n``: the rows of ``B_l``. Flattening after the batch dimension is tried first; a sequence map
-    ``(batch, T, d)`` with ``d = n`` is left as it is (feedback per token).
+    ``(batch, T, ...)`` whose features per token number ``n`` is flattened after ``T`` (feedback
+    per token).
     """
     if math.prod(h.shape[1:]) == n:
         return h if h.dim() == 2 else h.reshape(h.shape[0], n)
-    if h.dim() == 3 and h.shape[-1] == n:
-        return h
+    if h.dim() >= 3 and math.prod(h.shape[2:]) == n:
+        return h if h.dim() == 3 else h.reshape(h.shape[0], h.shape[1], n)
     raise ValueError(f"a feedback point carries {tuple(h.shape[1:])} features now, but its feedback "
                      f"matrix has {n} rows")
 
@@ -230,9 +241,10 @@ class DirectFeedback(Method):
         draw = estimator.draw if estimator is not None else None
         delivery = Delivery()
         shapes: dict[str, torch.Size] = {}
-        linked = len(self.state["feedback"]) == len(self.points)  # else the first step: no B_l yet
-        autocast = torch.is_autocast_enabled(x.device.type)
-        points = {} if self.keeps_points or not linked else None
+        feedback = self.state["feedback"]
+        # every visited point links to the tap if it has its B_l; the first step has none yet
+        points = {} if self.keeps_points or len(feedback) < len(self.points) else None
+        missing = [False]  # a visited point without B_l: the pass has no links
         tangents: dict[str, torch.Tensor] | None = {} if draw is not None else None
         links: list[torch.Tensor] = []
         at_head: list[tuple[torch.Tensor, torch.Tensor | None]] = []
@@ -248,13 +260,16 @@ class DirectFeedback(Method):
                 h, tangent = fwAD.unpack_dual(h)
             if point is self.head:
                 at_head.append((h, tangent))
-                return _ErrorTap.apply(h if linked else leaf_of(h), delivery, *links)
+                return _ErrorTap.apply(leaf_of(h) if missing[0] else h, delivery, *links)
             name = self.names[id(point)]
             shapes[name] = h.shape
             if points is not None:
                 points[name] = h
-            if linked and h.requires_grad:
-                links.append(self.link(name, h, autocast))
+            if h.requires_grad:
+                if name in feedback:
+                    links.append(self.link(name, h))
+                else:
+                    missing[0] = True
             if draw is None:
                 return h.detach()
             d = tangents[name] = draw(h)
@@ -268,27 +283,25 @@ class DirectFeedback(Method):
         if at_head:
             error_at, u = at_head[0][0], at_head[0][1] if draw is not None else None
         else:
-            error_at, out = out, _ErrorTap.apply(out if linked else leaf_of(out), delivery, *links)
-        return CutPass(out, error_at, shapes, delivery, linked, points, tangents,
+            error_at, out = out, _ErrorTap.apply(leaf_of(out) if missing[0] else out, delivery, *links)
+        return CutPass(out, error_at, shapes, delivery, not missing[0], points, tangents,
                        None if u is None else u.detach(), estimator, leaves[0] if leaves else None)
 
-    def link(self, name: str, h: torch.Tensor, autocast: bool) -> torch.Tensor:
-        """``z_l = h_l B_l``: the node whose backward turns the tap's ``e`` into ``e B_l^T``.
+    #: Up to this many outputs a link is the plain product ``h_l B_l`` (autograd's own node, no
+    #: Python in the backward pass; its ``(batch, o)`` value costs little); wider outputs (a
+    #: vocabulary) and autocast take :class:`_Link`, whose forward is a zero-memory placeholder.
+    plain_link_outputs = 64
 
-        It is made in ``B_l``'s dtype (float32) and autograd casts the signal back to ``h_l``'s
-        dtype, so the projection keeps full precision; under autocast (``autocast``: the pass runs
-        under it) that takes :class:`_Float32Link`.
-        """
+    def link(self, name: str, h: torch.Tensor) -> torch.Tensor:
+        """The link of point ``name``: the tap's ``e`` becomes ``e B_l^T`` in its backward."""
         B = self.state["feedback"][name]
-        if h.dim() == 2 and h.dtype == B.dtype and not autocast and B.device == h.device:
-            if h.shape[1] == B.shape[0]:
-                return h @ B  # the common case, kept lean: this runs at every point of every step
-        flat = flat_point(h, B.shape[0])
         if B.device != h.device:
             B = self.state["feedback"][name] = B.to(h.device)
-        if autocast:
-            return _Float32Link.apply(flat, B)
-        return (flat if flat.dtype == B.dtype else flat.to(B.dtype)) @ B
+        flat = flat_point(h, B.shape[0])
+        if B.shape[1] <= self.plain_link_outputs and flat.dtype == B.dtype \
+                and not torch.is_autocast_enabled(h.device.type):
+            return flat @ B
+        return _Link.apply(flat, B)
 
     def ensure_feedback(self, record: CutPass) -> None:
         """Create ``B_l`` (``(n_l, o)``) for points seen for the first time (the first step).
@@ -298,10 +311,14 @@ class DirectFeedback(Method):
         point whose width changes is reported by its link.)
         """
         feedback = self.state["feedback"]
-        if record.linked:
-            return
         like = self.projected(record)
         o = like.shape[-1]
+        if record.linked:
+            for name, B in feedback.items():
+                if B.shape[1] != o:
+                    raise ValueError(f"feedback point {name!r} projects {o} outputs now, but its feedback matrix "
+                                     f"is {tuple(B.shape)}")
+            return
         for name, shape in record.shapes.items():
             if name not in feedback:
                 B = init_feedback(point_width(like, shape), o, init=self.options.init, scale=self.options.scale,
@@ -337,20 +354,24 @@ class DirectFeedback(Method):
             self.deliver_signals(record, loss, lambda e: self.signals(record, e))
 
     def signals(self, record: CutPass, e: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Every point's signal for the error ``e``: ``B_l e`` (``B_l`` times the delivery's target)."""
+        """Every point's signal for the error ``e``: ``B_l e`` (``B_l`` times the delivery's target),
+        projected in ``B_l``'s dtype (float32) with autocast off, as the links do."""
         feedback, projected = self.state["feedback"], e if record.delivery.target is None else record.delivery.target
-        return {name: project(feedback[name], projected.to(feedback[name].dtype), shape)
-                for name, shape in record.shapes.items()}
+        with torch.autocast(e.device.type, enabled=False):
+            return {name: project(feedback[name], projected.to(feedback[name].dtype), shape)
+                    for name, shape in record.shapes.items()}
 
     @staticmethod
     def deliver_signals(record: CutPass, loss: torch.Tensor,
                         signals_of: Callable[[torch.Tensor], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """A delivery from a pass without links: ``e`` by backpropagating through the head alone,
-        then one call from the loss, ``error_at`` (with ``e``, for the block before a Head) and every
-        ``h_l`` (with its signal, ``signals_of(e)[name]``). Returns the signals."""
-        (e,) = torch.autograd.grad(loss, record.error_leaf, retain_graph=True)
+        """A delivery from a pass without links: ``loss.backward()`` through the head alone (which
+        stops at ``error_leaf``, whose gradient is ``e``), then one call from ``error_at`` (with ``e``,
+        for the block before a Head) and every ``h_l`` (with its signal, ``signals_of(e)[name]``).
+        Returns the signals."""
+        loss.backward()
+        e = record.error_leaf.grad
         signals = signals_of(e)
-        roots, grads = [loss], [None]
+        roots, grads = [], []
         if record.error_at.requires_grad:
             roots.append(record.error_at)
             grads.append(e.to(record.error_at.dtype))
@@ -359,7 +380,8 @@ class DirectFeedback(Method):
             if h.requires_grad:
                 roots.append(h)
                 grads.append(signal.reshape(h.shape).to(h.dtype))
-        torch.autograd.backward(roots, grads)
+        if roots:
+            torch.autograd.backward(roots, grads)
         return signals
 
     # -- calibration ----------------------------------------------------------------------------
@@ -390,10 +412,9 @@ class DirectFeedback(Method):
         Also fills ``.grad`` as a step would, but changes none of the method's state (no feedback
         update, no step counted): for diagnostics, inside :func:`bpfree.metrics.alignment.sandbox`.
         """
-        feedback = self.state["feedback"]
-        if len(feedback) < len(self.points):
-            return {}
         record = DirectFeedback.forward_cut(self, x)
+        if not record.linked:  # a point has no B_l yet: nothing to probe (and nothing is created)
+            return {}
         record.delivery.target = self.link_target(record, y)
         self.deliver(record, loss_fn(record.output, y))
         return {name: s.detach() for name, s in self.signals(record, record.delivery.error).items()}

@@ -13,7 +13,6 @@ checkpoint whose origin the user vouches for.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import pickle
 from pathlib import Path
@@ -60,21 +59,49 @@ def _hashes(path: Path) -> list[str]:
         return []
 
 
+class _Hashing:
+    """A binary file wrapper that feeds every byte written through it to a sha256."""
+
+    def __init__(self, f) -> None:
+        self.f, self.sha = f, hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.sha.update(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 def save_checkpoint(obj: Any, path: Path) -> None:
     """``torch.save(obj)`` to ``path`` atomically, with its sha256 in :func:`hash_path`.
 
-    The hash file is written first and lists the new digest before the ones it held, then the
-    checkpoint replaces the old one, then the list is cut to the new digest: a process killed at
-    any moment leaves a checkpoint, old or new, whose digest is listed.
+    The bytes are hashed as they are written to the temporary file; before that file replaces the
+    checkpoint, the hash file lists the new digest and every digest it held (so also the one of
+    the checkpoint still in place, however many saves failed before); once replaced, the list is
+    cut to the new digest. A process killed at any moment leaves a checkpoint whose digest is listed.
     """
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    data = buffer.getvalue()
-    digest = hashlib.sha256(data).hexdigest()
-    listed = [digest] + [h for h in _hashes(path) if h != digest][:2]
-    atomic_write(hash_path(path), lambda f: f.write(("\n".join(listed) + "\n").encode()))
-    atomic_write(path, lambda f: f.write(data))
-    atomic_write(hash_path(path), lambda f: f.write((digest + "\n").encode()))
+    hashing: list[_Hashing] = []
+
+    def write(f) -> None:
+        hashing.append(_Hashing(f))
+        torch.save(obj, hashing[0])
+
+    def list_digest() -> None:  # runs once the bytes are on disk, before the rename
+        digest = hashing[0].sha.hexdigest()
+        listed = [digest] + [h for h in _hashes(path) if h != digest]
+        atomic_write(hash_path(path), lambda f: f.write(("\n".join(listed) + "\n").encode()))
+
+    atomic_write(path, write, check=list_digest)
+    atomic_write(hash_path(path), lambda f: f.write((hashing[0].sha.hexdigest() + "\n").encode()))
+
+
+def _file_sha256(path: Path) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            sha.update(block)
+    return sha.hexdigest()
 
 
 def load_checkpoint(path: Path, map_location=None, *, trust: bool = False) -> Any:
@@ -83,22 +110,21 @@ def load_checkpoint(path: Path, map_location=None, *, trust: bool = False) -> An
     ``trust``: skip the hash check and unpickle anything (only for a checkpoint from a trusted
     source, e.g. one written before checkpoints carried a hash).
     """
-    try:
-        data = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise CheckpointError(f"no checkpoint at {path}: nothing to resume") from None
-    except IsADirectoryError:
-        raise CheckpointError(f"checkpoint {path} is a folder, not a file") from None
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a folder, not a file")
+    if not path.exists():
+        raise CheckpointError(f"no checkpoint at {path}: nothing to resume")
     if not trust:
         listed = _hashes(path)
         if not listed:
             raise CheckpointError(f"checkpoint {path} was not written by bpfree (it has no "
                                   f"{hash_path(path).name}); {TRUST_HINT}")
-        if hashlib.sha256(data).hexdigest() not in listed:
+        if _file_sha256(path) not in listed:
             raise CheckpointError(f"checkpoint {path} is damaged: its sha256 does not match "
                                   f"{hash_path(path).name} (truncated or changed since it was written)")
     try:
-        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=not trust)
+        return torch.load(path, map_location=map_location, weights_only=not trust)
     except pickle.UnpicklingError as err:
         if trust:
             raise CheckpointError(f"checkpoint {path} cannot be read ({_first_line(err)}); it may be corrupt") from err
