@@ -507,3 +507,24 @@ def test_feedback_for_another_output_width_is_refused_by_name():
     m.load_state_dict(three.state_dict())
     with pytest.raises(ValueError, match=r"point '2' projects 4 outputs now, but its feedback matrix is \(5, 3\)"):
         m.step(torch.randn(4, 7), torch.randint(0, 4, (4,)), F.cross_entropy)
+
+
+@pytest.mark.parametrize("method", ["dfa", "grape"])
+def test_peak_step_memory_is_bps_with_a_vocabulary_wide_error(method):
+    # e at the logits of a language model (o = vocabulary): a link per point must not hold a
+    # (batch, T, o) value; the step's peak stays within BP's plus e itself.
+    V = 2000
+    x, y = torch.randint(0, V, (4, 16)), torch.randint(0, V, (4, 16))
+    lm = lambda out, t: F.cross_entropy(out.reshape(-1, V), t.reshape(-1))
+    peaks = {}
+    for name in ("bp", method):
+        torch.manual_seed(0)
+        model = bpfree.models.create("transformer", (16,), V, depth=3, d_model=32, heads=4, error_at="logits")
+        m = bpfree.methods.create(name, model)
+        for _ in range(2):
+            model.zero_grad(set_to_none=True)
+            m.step(x, y, lm)
+        model.zero_grad(set_to_none=True)
+        peaks[name] = _peak_live_bytes(lambda: m.step(x, y, lm))
+    e_bytes = 4 * 16 * V * 4
+    assert peaks[method] <= peaks["bp"] + e_bytes + 16, peaks
