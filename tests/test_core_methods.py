@@ -513,13 +513,13 @@ def test_feedback_for_another_output_width_is_refused_by_name():
 def test_peak_step_memory_is_bps_with_a_vocabulary_wide_error(method):
     # e at the logits of a language model (o = vocabulary): a link per point must not hold a
     # (batch, T, o) value; the step's peak stays within BP's plus e itself.
-    V = 2000
+    V = 4000
     x, y = torch.randint(0, V, (4, 16)), torch.randint(0, V, (4, 16))
     lm = lambda out, t: F.cross_entropy(out.reshape(-1, V), t.reshape(-1))
     peaks = {}
     for name in ("bp", method):
         torch.manual_seed(0)
-        model = bpfree.models.create("transformer", (16,), V, depth=3, d_model=32, heads=4, error_at="logits")
+        model = bpfree.models.create("transformer", (16,), V, depth=6, d_model=32, heads=4, error_at="logits")
         m = bpfree.methods.create(name, model)
         for _ in range(2):
             model.zero_grad(set_to_none=True)
