@@ -274,15 +274,15 @@ def test_peak_step_memory_is_bps(method):
 
 def test_method_generator_draws_from_its_seed_and_resumes_from_a_saved_state():
     a = MethodGenerator(3)
-    assert a.get_state() is None  # never used: nothing to save
+    assert a.state_dict() is None  # never used: nothing to save
     first = torch.randn(4, generator=a.on("cpu"))
     torch.testing.assert_close(first, torch.randn(4, generator=torch.Generator().manual_seed(3)), rtol=0, atol=0)
-    saved = a.get_state()
+    saved = a.state_dict()
     second = torch.randn(4, generator=a.on("cpu"))
     b = MethodGenerator(3)
-    b.set_state(saved)  # before first use: applied when the generator is created
+    b.load_state_dict(saved)  # before first use: applied when the generator is created
     torch.testing.assert_close(torch.randn(4, generator=b.on("cpu")), second, rtol=0, atol=0)
-    a.set_state(None)  # back to the seed
+    a.load_state_dict(None)  # back to the seed
     torch.testing.assert_close(torch.randn(4, generator=a.on("cpu")), first, rtol=0, atol=0)
 
 

@@ -163,19 +163,19 @@ def test_disk_full_mid_run_keeps_the_previous_checkpoint_and_resumes_exactly(tmp
 
 
 def test_atomic_writes_leave_no_half_file(tmp_path):
-    from bpfree.train.checkpoint import save_torch
+    from bpfree.train.checkpoint import load_checkpoint, save_checkpoint
 
     path = tmp_path / "checkpoint.pt"
-    save_torch({"a": torch.ones(3)}, path)
+    save_checkpoint({"a": torch.ones(3)}, path)
 
     class Boom:
         def __reduce__(self):
             raise RuntimeError("boom while writing")
 
     with pytest.raises(RuntimeError, match="boom"):
-        save_torch({"a": torch.zeros(3), "b": Boom()}, path)
-    assert torch.equal(torch.load(path)["a"], torch.ones(3))  # the old file, whole
-    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+        save_checkpoint({"a": torch.zeros(3), "b": Boom()}, path)
+    assert torch.equal(load_checkpoint(path)["a"], torch.ones(3))  # the old file, whole, and still listed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "checkpoint.pt.sha256"]
     umask = os.umask(0o022)
     os.umask(umask)
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # the usual permissions, not mkstemp's 0600

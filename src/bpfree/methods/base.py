@@ -94,7 +94,6 @@ class MethodGenerator:
         """Apply ``state`` at the next :meth:`on` (``None``: start again from the seed)."""
         self._generator, self._pending = None, None if state is None else state.cpu()
 
-    get_state, set_state = state_dict, load_state_dict
 
 
 def reseed_from(state: torch.Tensor) -> int:

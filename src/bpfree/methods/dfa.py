@@ -33,6 +33,7 @@ and the delivery (GrAPE) is the one the signals use. Nothing of a step is kept o
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -245,6 +246,7 @@ class DirectFeedback(Method):
         # every visited point links to the tap if it has its B_l; the first step has none yet
         points = {} if self.keeps_points or len(feedback) < len(self.points) else None
         missing = [False]  # a visited point without B_l: the pass has no links
+        autocast = torch.is_autocast_enabled(x.device.type)
         tangents: dict[str, torch.Tensor] | None = {} if draw is not None else None
         links: list[torch.Tensor] = []
         at_head: list[tuple[torch.Tensor, torch.Tensor | None]] = []
@@ -267,7 +269,7 @@ class DirectFeedback(Method):
                 points[name] = h
             if h.requires_grad:
                 if name in feedback:
-                    links.append(self.link(name, h))
+                    links.append(self.link(name, h, autocast))
                 else:
                     missing[0] = True
             if draw is None:
@@ -275,7 +277,7 @@ class DirectFeedback(Method):
             d = tangents[name] = draw(h)
             return fwAD.make_dual(h.detach(), d if tangent is None else tangent.detach() + d)
 
-        with handled(self.model, cut, self.markers), (fwAD.dual_level() if draw is not None else _nothing()):
+        with handled(self.model, cut, self.markers), (fwAD.dual_level() if draw is not None else contextlib.nullcontext()):
             out = forward_checked(self.model, x)
             u = None
             if draw is not None:
@@ -292,14 +294,14 @@ class DirectFeedback(Method):
     #: vocabulary) and autocast take :class:`_Link`, whose forward is a zero-memory placeholder.
     plain_link_outputs = 64
 
-    def link(self, name: str, h: torch.Tensor) -> torch.Tensor:
-        """The link of point ``name``: the tap's ``e`` becomes ``e B_l^T`` in its backward."""
+    def link(self, name: str, h: torch.Tensor, autocast: bool) -> torch.Tensor:
+        """The link of point ``name``: the tap's ``e`` becomes ``e B_l^T`` in its backward
+        (``autocast``: the pass runs under autocast)."""
         B = self.state["feedback"][name]
         if B.device != h.device:
             B = self.state["feedback"][name] = B.to(h.device)
         flat = flat_point(h, B.shape[0])
-        if B.shape[1] <= self.plain_link_outputs and flat.dtype == B.dtype \
-                and not torch.is_autocast_enabled(h.device.type):
+        if B.shape[1] <= self.plain_link_outputs and flat.dtype == B.dtype and not autocast:
             return flat @ B
         return _Link.apply(flat, B)
 
@@ -426,16 +428,6 @@ class DirectFeedback(Method):
         unknown = set(state.get("feedback", {})) - {n for n, _ in self.points}
         if unknown:
             raise ValueError(f"checkpoint holds feedback for points this model lacks: {sorted(unknown)}")
-
-
-class _nothing:
-    """A null context manager (cheaper to enter than ``contextlib.nullcontext`` on the hot path)."""
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
 
 
 @register

@@ -23,7 +23,7 @@ import torch
 from ..atomic import atomic_write, fsync_dir
 
 __all__ = ["CheckpointError", "fsync_dir", "hash_path", "load_checkpoint", "save_checkpoint", "save_json",
-           "save_text", "save_torch"]
+           "save_text"]
 
 #: How to get past the safety checks, named in their errors.
 TRUST_HINT = "if you trust where it came from, resume with --trust-checkpoint"
@@ -31,11 +31,6 @@ TRUST_HINT = "if you trust where it came from, resume with --trust-checkpoint"
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, damaged, foreign or holds objects a safe load refuses."""
-
-
-def save_torch(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename over ``path``."""
-    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def save_text(text: str, path: Path) -> None:
