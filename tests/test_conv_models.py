@@ -30,7 +30,7 @@ TINY = {
 }
 SHAPES = [(1, 28, 28), (3, 32, 32)]
 NUM_POINTS = {"cnn": 3, "alexnet": 7, "vgg16": 15, "resnet20": 9, "resnet56": 27}
-HAS_BN = {"cnn": False, "alexnet": True, "vgg16": True, "resnet20": True, "resnet56": True}
+HAS_BN = {"cnn": True, "alexnet": True, "vgg16": True, "resnet20": True, "resnet56": True}
 
 
 def build(name, shape=(3, 32, 32), classes=10, **extra):
@@ -138,9 +138,13 @@ def test_full_size_vgg16_first_point_has_65536_features():
 
 def test_cnn_parameter_count_matches_the_layer_formula():
     c1, c2, hid, o = 32, 64, 512, 10
-    expected = (1 * c1 * 25 + c1) + (c1 * c2 * 25 + c2) + (c2 * 7 * 7 * hid + hid) + (hid * o + o)
+    # default: BatchNorm (scale and shift per channel or unit) replaces the conv and FC biases
+    expected = (1 * c1 * 25 + 2 * c1) + (c1 * c2 * 25 + 2 * c2) + (c2 * 7 * 7 * hid + 2 * hid) + (hid * o + o)
     model = models.create("cnn", (1, 28, 28), o)
-    assert sum(p.numel() for p in model.parameters()) == expected == 1_663_370
+    assert sum(p.numel() for p in model.parameters()) == expected == 1_663_978
+    plain = (1 * c1 * 25 + c1) + (c1 * c2 * 25 + c2) + (c2 * 7 * 7 * hid + hid) + (hid * o + o)
+    model = models.create("cnn", (1, 28, 28), o, batchnorm=False)
+    assert sum(p.numel() for p in model.parameters()) == plain == 1_663_370
 
 
 def _resnet_params(n, channels=(16, 32, 64), c_in=3, o=10, shortcut="A"):

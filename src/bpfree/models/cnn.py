@@ -10,7 +10,8 @@
 
 (``H/2`` rounds up: pooling uses ``ceil_mode``, so 28 px gives 14, 7 and 32 px gives 16, 8.)
 With the defaults (32, 64 channels, 512 hidden) on 28x28x1 the points carry 6272, 3136 and 512
-features; the model has 1.66 M parameters (2.16 M on 32x32x3), with 10 classes.
+features; the model has 1.66 M parameters (2.16 M on 32x32x3), with 10 classes. BatchNorm is on by
+default, as in the published shallow CNN; ``batchnorm=False`` is the ablation.
 
 The helpers here (:func:`image_shape`, :func:`conv_block`, :func:`fc_block`, :func:`ConvFCNet`)
 build every plain (non-residual) conv model of the zoo: a stack of conv stages, each followed by
@@ -161,7 +162,7 @@ class CNNOptions:
     channels: tuple[int, ...] = option((32, 64), "output channels of the two conv stages (5x5 kernels)")
     hidden: int = option(512, "width of the hidden fully connected layer")
     width: float = option(1.0, "multiplier on every channel count and hidden width")
-    batchnorm: bool = option(False, "BatchNorm after each conv and the hidden FC layer")
+    batchnorm: bool = option(True, "BatchNorm after each conv and the hidden FC layer, as in the published shallow CNN (False: the no-BN ablation)")
     activation: str = option("relu", "non-linearity", choices=tuple(ACTIVATIONS))
 
     def check(self) -> None:
