@@ -200,3 +200,16 @@ def test_option_combinations_are_checked():
         bpfree.methods.create("grape", mlp(), samples=0)
     with pytest.raises(OptionError, match="calibrate_every"):
         bpfree.methods.create("dfa", mlp(), calibrate_every=-1)
+
+
+def test_preset_grape2025_restores_every_original_default_and_explicit_options_win():
+    from bpfree.methods.grape import GrAPE
+
+    original = dict(rule="rescale", eta=1e-3, noise=None, renorm="auto", samples=64, average="cumulative", every=4)
+    got = bpfree.methods.create("grape", mlp(), preset="grape2025").options
+    assert {k: getattr(got, k) for k in original} == original
+    assert bpfree.methods.create("grape", mlp(), preset="grape2025", eta=0.5).options.eta == 0.5
+    # the published preset is the dataclass's own defaults
+    assert bpfree.methods.create("grape", mlp()).options == GrAPE.Options()
+    with pytest.raises(OptionError, match="option 'preset' cannot be 'x'"):
+        bpfree.methods.create("grape", mlp(), preset="x")

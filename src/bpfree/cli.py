@@ -184,18 +184,37 @@ def cmd_train(args) -> int:
     return 0
 
 
-def comparison_table(summaries: list[dict]) -> str:
-    """A Markdown table, one row per run summary."""
+def comparison_table(summaries: list[dict], diagnostics: list[dict] | None = None) -> str:
+    """A Markdown table, one row per run summary.
+
+    ``diagnostics``: per run, :func:`bpfree.experiment.train.diagnostics_curves` of its
+    ``metrics.jsonl`` (``{}`` without diagnostics). When a run has them, two columns show the
+    Frobenius cosine of its feedback with the exact mean Jacobian (mean over points) at the first
+    and last probe, and the cosine of its signal with BP's at the last.
+    """
     primary = summaries[0]["primary"]  # test_accuracy, test_ppl...
     metric = primary[len("test_"):]
     cols = [primary, "test_loss", f"train_{metric}", "train_loss"]
-    head = "| method | " + " | ".join(c.replace("_", " ") for c in cols) + " | train s |\n"
-    head += "|---" * (len(cols) + 2) + "|\n"
+    diagnostics = diagnostics or [{} for _ in summaries]
+    aligned = any(d.get("curves") for d in diagnostics)
+    extra = " cos(B, J̄) first → last | cos(signal, BP) |" if aligned else ""
+    head = "| method | " + " | ".join(c.replace("_", " ") for c in cols) + " | train s |" + extra + "\n"
+    head += "|---" * (len(cols) + 2 + 2 * aligned) + "|\n"
+
+    def cosines(d: dict) -> str:
+        b = [v for v in d.get("curves", {}).get("b_jacobian_cos", []) if v is not None]
+        s = [v for v in d.get("curves", {}).get("signal_cos", []) if v is not None]
+        return (f" {b[0]:.3f} → {b[-1]:.3f} |" if b else " – |") + (f" {s[-1]:.3f} |" if s else " – |")
+
     rows = "".join(
-        f"| {s['method']} | " + " | ".join(f"{s[c]:.4f}" for c in cols) + f" | {s['train_seconds']:.1f} |\n"
-        for s in summaries
+        f"| {s['method']} | " + " | ".join(f"{s[c]:.4f}" for c in cols) + f" | {s['train_seconds']:.1f} |"
+        + (cosines(d) if aligned else "") + "\n"
+        for s, d in zip(summaries, diagnostics)
     )
-    return head + rows
+    note = ("\ncos(B, J̄): Frobenius cosine of each feedback matrix with the exact mean Jacobian of the probe "
+            "batch, averaged over feedback points; cos(signal, BP): cosine of the signal each point receives "
+            "with the BP gradient there (last probe).\n") if aligned else ""
+    return head + rows + note
 
 
 def cmd_compare(args) -> int:
@@ -223,7 +242,9 @@ def cmd_compare(args) -> int:
                                    progress=not args.no_progress, workers=workers, overwrite=args.overwrite))
         if not workers.is_root:
             return 0
-    table = comparison_table(summaries)
+    from .experiment.train import diagnostics_curves
+
+    table = comparison_table(summaries, [diagnostics_curves(Path(out) / c.run.method / "metrics.jsonl") for c in cfgs])
     title = (f"{r.model} on {r.dataset}, {r.epochs} epoch(s), batch {r.batch_size}, {r.optimizer} lr {r.lr}, "
              f"seed {r.seed}" + (f", first {r.limit_train} training samples" if r.limit_train else "")
              + (f", amp {r.amp}" if r.amp != "none" else "")

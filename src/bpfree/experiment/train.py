@@ -154,7 +154,7 @@ def execute(job: Job, state: str, ctx) -> str:
     return f"{key.replace('_', ' ')} {s[key]:.4f}, {s['train_seconds']:.1f} s"
 
 
-def _diagnostics(path: Path) -> dict[str, Any]:
+def diagnostics_curves(path: Path) -> dict[str, Any]:
     """Per diagnostics line of ``metrics.jsonl``: step and each cosine averaged over points."""
     curves: dict[str, Any] = {"step": []}
     points: dict[str, dict[str, float]] = {}
@@ -187,7 +187,7 @@ def record(job: Job) -> dict[str, Any]:
                    train_seconds=s["train_seconds"], steps=s["steps"])
     else:
         rec["failed"] = (d / "error.txt").read_text().strip() if (d / "error.txt").exists() else "no result"
-    rec.update(_diagnostics(d / "metrics.jsonl"))
+    rec.update(diagnostics_curves(d / "metrics.jsonl"))
     return rec
 
 

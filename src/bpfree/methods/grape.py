@@ -24,6 +24,16 @@ from . import register
 from .dfa import CutPass, DirectFeedback, Estimator
 
 
+#: Named sets of defaults: ``published`` (the defaults of the options below) and ``grape2025``, every
+#: default of the original (ICLR 2025 submission) GrAPE as this project first implemented it.
+#: Options given explicitly win over the preset's.
+PRESETS: dict[str, dict[str, Any]] = {
+    "published": {},
+    "grape2025": dict(rule="rescale", eta=1e-3, noise=None, renorm="auto", samples=64, average="cumulative",
+                      every=4),
+}
+
+
 @register
 class GrAPE(DirectFeedback):
     """Gradient-Aligned Projected Error: DFA whose ``B_l`` follow the network's Jacobians.
@@ -72,6 +82,9 @@ class GrAPE(DirectFeedback):
                                choices=("auto", "forward", "central", "onesided"))
         fd_step: float = option(1e-2, "perturbation size of the difference schemes (tangents=central/onesided)")
         perturb: str = option("activity", "perturb activities at the points, or the weights of each block (one pass per block)", choices=("activity", "weight"))
+        preset: str = option("published", "a named set of defaults for the options not given: published (these defaults) "
+                             "or grape2025 (the original rule=rescale, eta=1e-3, cumulative average, 64 samples every 4 steps)",
+                             choices=tuple(PRESETS))
 
         def check(self) -> None:
             super().check()
@@ -94,7 +107,8 @@ class GrAPE(DirectFeedback):
                                   "use it with perturb=activity and points=joint")
 
     def __init__(self, model: nn.Module, **options: Any) -> None:
-        super().__init__(model, **options)
+        preset = PRESETS.get(options.get("preset", "published"), {})  # an unknown name fails in the options check
+        super().__init__(model, **{**preset, **options})
         self.state.update(
             jacobian=RunningJacobian(self.options.average, self.options.beta),  # Jbar_l per point, (o, n_l)
             norm0={},  # |B_l|_F at the first update, the target of renormalisation
