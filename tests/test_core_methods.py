@@ -352,7 +352,8 @@ def test_state_is_declared_once_and_checked_on_load(blobs):
     model = bpfree.models.create("mlp", (x.shape[1],), int(y.max()) + 1, widths=(8,))
     m = bpfree.methods.create("grape", model)
     m.step(x[:16], y[:16], F.cross_entropy)
-    assert sorted(m.state) == ["calibrate_next", "feedback", "generator", "jacobian", "norm0", "steps"]
+    assert sorted(m.state) == ["calibrate_epoch", "calibrate_next", "feedback", "feedback_grad_norm", "generator",
+                               "jacobian", "norm0", "steps"]
     with pytest.raises(AttributeError, match="not a declared state entry"):
         m.state.pending = 1
     with pytest.raises(ValueError, match="checkpoint holds"):

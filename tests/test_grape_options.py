@@ -193,6 +193,43 @@ def test_calibration_every_epochs():
     assert seen == [0, 0, 0, 0, 1, 0, 0, 0]
 
 
+def test_calibration_on_every_batch_of_every_Tth_epoch():
+    model = mlp()
+    x, y = data()
+    m = bpfree.methods.create("dfa", model, calibrate_every=2, calibrate_unit="epoch-all")
+    seen = []
+    for epoch in (1, 2, 3, 4):
+        for _ in range(2):
+            seen.append(m.step(x, y, F.cross_entropy).metrics.get("calibration", 0.0))
+        m.on_epoch_end(epoch)
+    assert seen == [0, 0, 1, 1, 0, 0, 1, 1]  # epochs 2 and 4 are BP throughout
+    m = bpfree.methods.create("dfa", mlp(), calibrate_every=1, calibrate_unit="epoch-all")
+    assert m.step(x, y, F.cross_entropy).metrics.get("calibration") == 1.0  # T = 1: every epoch, the first too
+
+
+def test_feedback_norm_calibration_is_bp_rescaled_to_the_moving_average_of_feedback_gradient_norms():
+    # calibrate_scale=feedback-norm: n <- 0.9 n + 0.1 |g_DFA| over the direct-feedback steps (the
+    # first sets it); the BP step's gradients are then g_BP * n / |g_BP|.
+    x, y = data()
+    reference = mlp()
+    bpfree.methods.create("bp", reference).step(x, y, F.cross_entropy)
+    bp = [p.grad.clone() for p in reference.parameters()]
+    model = mlp()
+    m = bpfree.methods.create("dfa", model, calibrate_every=3, calibrate_scale="feedback-norm")
+    norms = []
+    for _ in range(2):
+        model.zero_grad()
+        m.step(x, y, F.cross_entropy)
+        norms.append(torch.sqrt(sum((p.grad ** 2).sum() for p in model.parameters())))
+    expected_norm = 0.9 * norms[0] + 0.1 * norms[1]
+    model.zero_grad()
+    assert m.step(x, y, F.cross_entropy).metrics["calibration"] == 1.0
+    factor = expected_norm / torch.sqrt(sum((g ** 2).sum() for g in bp))
+    for g, p in zip(bp, model.parameters()):
+        torch.testing.assert_close(p.grad, g * factor, rtol=1e-5, atol=1e-7)
+    assert abs(float(factor) - 1) > 0.05  # the rescaling is not the identity here
+
+
 def test_option_combinations_are_checked():
     with pytest.raises(OptionError, match="train-pass"):
         bpfree.methods.create("grape", mlp(), estimator="train-pass", perturb="weight")

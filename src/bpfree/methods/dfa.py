@@ -188,7 +188,13 @@ class DirectFeedback(Method):
         scale: float = option(1.0, "B_l entries have variance scale^2 / o (each row has norm ~scale)")
         seed: int = option(0, "seed of the method's own generator (feedback matrices, tangents)")
         calibrate_every: int = option(0, "every T steps (or epochs) one ordinary BP step instead (0: never)")
-        calibrate_unit: str = option("steps", "unit of calibrate_every", choices=("steps", "epochs"))
+        calibrate_unit: str = option("steps", "unit of calibrate_every: steps; epochs (one BP step after every T-th "
+                                     "epoch, the published schedule); epoch-all (BP on every batch of every T-th epoch)",
+                                     choices=("steps", "epochs", "epoch-all"))
+        calibrate_scale: str = option("none", "gradients of a BP calibration step: as they are (none), or rescaled to the "
+                                      "global norm of the direct-feedback steps' gradients (feedback-norm: a moving "
+                                      "average), so that one BP step does not jolt the optimizer's moment estimates",
+                                      choices=("none", "feedback-norm"))
 
         def check(self) -> None:
             if self.calibrate_every < 0:
@@ -210,6 +216,10 @@ class DirectFeedback(Method):
             generator=MethodGenerator(self.options.seed),
             steps=0,                        # step() calls so far, calibration steps included
             calibrate_next=False,           # a BP step is due (calibrate_unit = epochs)
+            # this epoch is a BP epoch (calibrate_unit = epoch-all; epoch 1 is one when T = 1)
+            calibrate_epoch=(getattr(self.options, "calibrate_unit", "steps") == "epoch-all"
+                             and self.options.calibrate_every == 1),
+            feedback_grad_norm=None,        # moving average of |grad| of the direct-feedback steps (calibrate_scale)
         )
 
     # -- the step -----------------------------------------------------------------------------
@@ -229,6 +239,8 @@ class DirectFeedback(Method):
         loss = loss_fn(record.output, y)
         self.deliver(record, loss)
         self.after_delivery(record)
+        if self.options.calibrate_every and self.options.calibrate_scale == "feedback-norm":
+            self.track_gradient_norm()
         return StepResult(loss.detach(), record.output.detach())
 
     def forward_cut(self, x: torch.Tensor, *, estimator: Estimator | None = None) -> CutPass:
@@ -392,19 +404,51 @@ class DirectFeedback(Method):
         T, state = self.options.calibrate_every, self.state
         if T and self.options.calibrate_unit == "steps":
             return state["steps"] % T == 0
+        if self.options.calibrate_unit == "epoch-all":
+            return bool(state["calibrate_epoch"])
         due, state["calibrate_next"] = state["calibrate_next"], False
         return due
 
     def on_epoch_end(self, epoch: int) -> None:
-        T = self.options.calibrate_every
-        if T and self.options.calibrate_unit == "epochs" and epoch % T == 0:
+        """After epoch ``epoch`` (counted from 1): ``epochs`` makes the next step a BP step when
+        ``epoch`` is a multiple of ``T``; ``epoch-all`` makes all of epoch ``epoch + 1`` BP when
+        ``epoch + 1`` is one (epochs ``T, 2T, ...``)."""
+        T, unit = self.options.calibrate_every, self.options.calibrate_unit
+        if T and unit == "epochs" and epoch % T == 0:
             self.state.calibrate_next = True
+        if T and unit == "epoch-all":
+            self.state.calibrate_epoch = (epoch + 1) % T == 0
+
+    def gradient_norm(self) -> torch.Tensor:
+        """``sqrt(sum_p |p.grad|^2)`` over the model's parameters (a 0-dim tensor, no host sync)."""
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if not grads:
+            return torch.zeros(())
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+
+    def track_gradient_norm(self, beta: float = 0.9) -> None:
+        """Fold this direct-feedback step's gradient norm into ``state.feedback_grad_norm``
+        (``n <- beta n + (1 - beta) |grad|``; the first step sets it)."""
+        norm, state = self.gradient_norm().detach(), self.state
+        state.feedback_grad_norm = norm if state.feedback_grad_norm is None else (
+            beta * state.feedback_grad_norm.to(norm.device) + (1 - beta) * norm)
 
     def calibration_step(self, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) -> StepResult:
-        """One ordinary BP step on this mini-batch: ``loss.backward()`` through every block."""
+        """One ordinary BP step on this mini-batch: ``loss.backward()`` through every block.
+
+        With ``calibrate_scale = feedback-norm`` (and a direct-feedback step before it) every
+        gradient is then multiplied by ``n_feedback / |grad_BP|``: the BP step keeps its direction
+        and takes the size the optimizer has been seeing.
+        """
         out = forward_checked(self.model, x)
         loss = loss_fn(out, y)
         loss.backward()
+        target = self.state.feedback_grad_norm
+        if self.options.calibrate_scale == "feedback-norm" and target is not None:
+            factor = target.to(out.device) / self.gradient_norm().clamp_min(1e-12)
+            for p in self.model.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(factor.to(p.grad.dtype))
         return StepResult(loss.detach(), out.detach(), {"calibration": 1.0})
 
     # -- diagnostics and state --------------------------------------------------------------------
