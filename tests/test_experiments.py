@@ -257,7 +257,7 @@ o = 3
 [scales.quick]
 seeds = 2
 """)
-    assert [r["rule"] for r in doc["rows"]] == ["rescale", "alt1", "alt2", "cosine", "regress"]
+    assert [r["rule"] for r in doc["rows"]] == ["rescale", "alt1", "alt2", "cosine", "regress", "blend"]
     for row in doc["rows"]:
         for c0, (mean, std) in row["final_unit_cos"].items():
             assert mean == pytest.approx(float(c0), abs=1e-12) and std == pytest.approx(0.0, abs=1e-12)

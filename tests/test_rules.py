@@ -52,6 +52,15 @@ def test_regress_formula_and_no_renormalisation_by_default():
     torch.testing.assert_close(rules.update_feedback(B, G, rule="regress", eta=ETA, norm0=123.0), expect)
 
 
+def test_blend_formula_moves_toward_G_rescaled_as_a_whole():
+    # |B|_F = sqrt(26), |G|_F = sqrt(29): G enters scaled by sqrt(26/29), rows keep G's norm ratio
+    expect = (1 - ETA) * B + ETA * G * math.sqrt(26 / 29)
+    torch.testing.assert_close(rules.blend(B, G, ETA), expect)
+    new = rules.update_feedback(B, G, rule="blend", eta=1.0, norm0=2.0)
+    torch.testing.assert_close(new, G * (2.0 / math.sqrt(29)))  # eta = 1: G itself at |B_0|_F
+    torch.testing.assert_close(rules.blend(B, 7 * G, ETA), rules.blend(B, G, ETA))  # |G| does not matter
+
+
 def test_renormalisations():
     torch.testing.assert_close(rules.renormalise(B, "frobenius", 2.0).norm(), torch.tensor(2.0, dtype=torch.float64))
     rows = rules.renormalise(B, "rows", 2.0)

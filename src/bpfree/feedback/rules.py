@@ -14,6 +14,12 @@ before noise and renormalisation, which :func:`update_feedback` applies afterwar
   This is the gradient of ``n (1 - mean_i c_i)``: the per-unit form, so that ``eta`` does not
   shrink with the width ``n`` (the gradient of the mean itself is this divided by ``n``).
 * ``regress`` (forward-DFA style):  ``B <- B - eta (B - G)``
+* ``blend``:  ``B <- (1 - eta) B + eta G |B|_F / |G|_F``: toward ``G`` rescaled as a whole, so the
+  rows of ``B`` take on the relative norms of ``G``'s as well as their directions (the per-row
+  rules keep every unit's feedback at the same norm, which caps the Frobenius cosine with ``G``
+  when its rows differ in norm: units that hardly move the output get as much signal as the
+  ones that move it most); with ``frobenius`` renormalisation the update depends on neither
+  ``|B|`` nor ``|G|``.
 
 Renormalisation (after optional Gaussian noise ``noise * rms(B_0) * N(0, 1)``):
 ``frobenius`` rescales ``B`` to its initial Frobenius norm ``|B_0|_F``; ``rows`` rescales every
@@ -66,6 +72,11 @@ def regress(B: torch.Tensor, G: torch.Tensor, eta: float) -> torch.Tensor:
     return B - eta * (B - G)
 
 
+def blend(B: torch.Tensor, G: torch.Tensor, eta: float) -> torch.Tensor:
+    """``B <- (1 - eta) B + eta G |B|_F / |G|_F``."""
+    return (1.0 - eta) * B + eta * G * (B.norm() / G.norm().clamp_min(EPS))
+
+
 @dataclass(frozen=True)
 class Rule:
     """A feedback rule with its default noise (relative to ``rms(B_0)``) and renormalisation."""
@@ -81,6 +92,7 @@ RULES: dict[str, Rule] = {
     "alt2": Rule(alt2, noise=0.0, renorm="frobenius"),
     "cosine": Rule(cosine, noise=0.0, renorm="rows"),
     "regress": Rule(regress, noise=0.0, renorm="none"),
+    "blend": Rule(blend, noise=0.0, renorm="frobenius"),
 }
 RENORMS = ("frobenius", "rows", "none")
 
