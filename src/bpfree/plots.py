@@ -243,18 +243,19 @@ def grouped_bars(ax, bars: Sequence[Bar], *, horizontal: bool = False, published
                 ax.errorbar(b.value if horizontal else pos, pos if horizontal else b.value,
                             **({"xerr": b.err} if horizontal else {"yerr": b.err}), **kw)
             if finite(b.published):
-                at = pos + width * 0.36
+                at = pos + width * 0.40
                 xy = (b.published, at) if horizontal else (at, b.published)
                 ax.plot(*xy, **PUBLISHED_MARKER, zorder=4)
                 published_drawn = True
-            if annotate is not None:
+            if annotate is not None:  # left of centre, clear of the published marker at the right edge
                 end = b.value
                 text = annotate(b.value)
                 if horizontal:
-                    ax.annotate(text, (end, pos), xytext=(3, 0), textcoords="offset points", va="center", fontsize=7)
+                    ax.annotate(text, (end, pos - width * 0.12), xytext=(3, 0), textcoords="offset points",
+                                va="center", fontsize=7)
                 else:
-                    ax.annotate(text, (pos, end), xytext=(0, 2 if end >= 0 else -2), textcoords="offset points",
-                                ha="center", va="bottom" if end >= 0 else "top", fontsize=7)
+                    ax.annotate(text, (pos - width * 0.12, end), xytext=(0, 2 if end >= 0 else -2),
+                                textcoords="offset points", ha="center", va="bottom" if end >= 0 else "top", fontsize=7)
         if not single:
             ticks.append(gi)
             labels.append(g)

@@ -24,7 +24,9 @@ metric converts to the table's (accuracy from accuracy or 100 − error; perplex
 perplexity) and whose ``dataset``, ``model`` and ``setting`` values equal the row's on every grid
 key they name. ``published_compare`` then keeps the numbers whose fields equal its values on the
 keys the grid does not set (at a quick scale, on another dataset than any published, it says
-which published setting the rows stand for). More than one number left is an error.
+which published setting the rows stand for). Of those left, the most specific win: those naming
+the most grid keys, and the fewest setting keys the grid does not vary. More than one number
+left is an error.
 """
 
 from __future__ import annotations
@@ -253,6 +255,11 @@ def match(entries: list[Entry], compare: dict[str, Any], variant: str, grid: dic
     found = [e for e in entries if e.is_number and e.variant == variant and e.converted(primary) is not None
              and all(_shown(e.field(k)) == v for k, v in grid.items() if e.field(k) is not None)]
     found = [e for e in found if all(_shown(e.field(k)) == _shown(v) for k, v in compare.items() if k not in grid)]
+    named = {id(e): sum(e.field(k) is not None for k in grid) + sum(k not in grid for k, _ in e.setting) * -1
+             for e in found}
+    if found:  # the most specific: naming most grid keys (and no setting the grid does not vary)
+        best = max(named.values())
+        found = [e for e in found if named[id(e)] == best]
     if len(found) > 1:
         listing = "; ".join(f"{e.source} {e.dataset or '?'} {e.model or '?'} = {value_text(e)}" for e in found)
         raise OptionError(f"row {row or variant!r} fits several published numbers ({listing}): name the one to "

@@ -314,7 +314,8 @@ def _stats(row: dict[str, Any], factor: float) -> None:
 def compare(spec: Spec, rows: list[dict], grid_keys: list[str], primary: str) -> None:
     """Per row: its published number (``published``: the entry and its value in the table's unit),
     its BP and DFA rows (``reference``), the gap closed (``gap_closed``) and the published gap closed
-    (``published_gap_closed``, from numbers of one source and setting). See :mod:`.published`."""
+    (``published_gap_closed``, from the numbers of the row and of its BP and DFA rows when all three
+    come from one source, dataset, model and setting). See :mod:`.published`."""
     refs = references(rows, grid_keys)
     by_label = {r["label"]: r for r in rows}
     entries: dict[str, pub.Entry | None] = {}
@@ -336,7 +337,7 @@ def compare(spec: Spec, rows: list[dict], grid_keys: list[str], primary: str) ->
             row["gap"] = "undefined" if bp["value"] == dfa["value"] else "defined"
         eb, ed = entries[bp["label"]], entries[dfa["label"]]
         if e is not None and eb is not None and ed is not None and \
-                len({(x.source, x.dataset, x.model) for x in (e, eb, ed)}) == 1:
+                len({(x.source, x.dataset, x.model, x.setting) for x in (e, eb, ed)}) == 1:
             row["published_gap_closed"] = pub.gap_closed(e.converted(primary), eb.converted(primary),
                                                          ed.converted(primary))
 
@@ -503,7 +504,7 @@ def _plot_metric(rows: list[dict], grid_keys: list[str], header: str, primary: s
     if horizontal:
         fig, ax = plt.subplots(figsize=(8, 1.6 + 0.3 * len(bars)))
     else:
-        fig, ax = plt.subplots(figsize=(max(6.5, 2.0 + 0.5 * len(bars)), 4.6))
+        fig, ax = plt.subplots(figsize=(max(6.5, 2.5 + 0.6 * len(bars)), 4.6))
     for r in shared:
         if r["value"] is not None:
             reference_line(ax, r["value"], f"{r['variant']} (all groups)", horizontal=not horizontal,
@@ -532,7 +533,7 @@ def _plot_gap(rows: list[dict], grid_keys: list[str], context: str, path: Path) 
     chosen = [r for r in rows if r["label"] not in dfa_refs and r["reference"]["bp"] != r["label"]
               and (r["gap_closed"] is not None or r["published_gap_closed"] is not None)]
     bars, _, xlabel = _bars(chosen, grid_keys, "gap_closed", "published_gap_closed")
-    fig, ax = plt.subplots(figsize=(max(6.5, 2.0 + 0.55 * len(bars)), 4.6))
+    fig, ax = plt.subplots(figsize=(max(6.5, 2.5 + 0.75 * len(bars)), 4.6))
     reference_line(ax, 0.0, "0: DFA", colour=method_colour("dfa"), ls="-", lw=1.2)
     reference_line(ax, 1.0, "1: BP", colour=method_colour("bp"), ls="-", lw=1.2)
     grouped_bars(ax, bars, published_label="published (same formula on the published numbers)",
