@@ -519,7 +519,7 @@ def _plot_metric(rows: list[dict], grid_keys: list[str], header: str, primary: s
         ax.set_xlabel(label)
     else:
         ax.set_ylim(bottom=0)
-        ax.set_ylabel(label, fontsize=9)
+        ax.set_ylabel(label, fontsize=8)
         if xlabel:
             ax.set_xlabel(xlabel)
     better = "higher" if not primary.endswith(("ppl", "loss")) else "lower"
