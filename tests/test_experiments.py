@@ -25,7 +25,7 @@ title = "tiny"
 kind = "train"
 questions = ["main"]
 description = "two methods on blobs"
-published = "nothing published"
+published = [{ source = "grape", claim = "nothing published" }]
 [base]
 dataset = "blobs-test"
 model = "mlp"
@@ -407,7 +407,7 @@ def test_docs_page_holds_each_experiment_table_and_figures(tiny, tmp_path):
 title = "Toy rules"
 kind = "toy"
 questions = ["Q5"]
-published = "Figures 4 and 5"
+published = [{ source = "grape", claim = "Figures 4 and 5" }]
 [toy]
 rules = ["cosine"]
 steps = 3

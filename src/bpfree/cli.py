@@ -331,7 +331,7 @@ def cmd_report(args) -> int:
 
     runs = [Path(r) for r in args.runs]
     out = args.out or (runs[0] / "report.png" if len(runs) == 1 else Path("report.png"))
-    print(f"written to {plot_runs(runs, out)}")
+    print(f"written to {plot_runs(runs, out, smooth=args.smooth)}")
     return 0
 
 
@@ -358,6 +358,24 @@ def cmd_experiment_run(args) -> int:
     spec = experiment.find(args.name)
     experiment.run(spec, args.scale, seeds=args.seeds, out=args.out, dry_run=args.dry_run,
                    progress=not args.no_progress, data_dir=args.data_dir, trust_checkpoints=args.trust_checkpoint)
+    return 0
+
+
+def cmd_experiment_render(args) -> int:
+    from . import experiment
+
+    names = args.names or [n for n in experiment.discover() if any((args.out / n / s / "results.json").exists()
+                                                                    for s in experiment.SCALES)]
+    if not names:
+        print(f"no results to render in {args.out}/ (bpfree experiment run NAME writes them)")
+        return 0
+    for name in names:
+        spec = experiment.find(name)
+        scales = [args.scale] if args.scale else [s for s in spec.scales if (args.out / name / s / "results.json").exists()]
+        if not scales:
+            raise FileNotFoundError(f"{args.out / name}/ holds no results.json; run `bpfree experiment run {name}` first")
+        for scale in scales:
+            experiment.render(spec, scale, out=args.out)
     return 0
 
 
@@ -423,6 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="plot loss, test metric and alignment diagnostics of runs (PNG)")
     p.add_argument("runs", nargs="+", help="run directories (or a compare directory's runs)")
     p.add_argument("--out", type=Path, help="PNG file (default RUN/report.png for one run, else ./report.png)")
+    p.add_argument("--smooth", type=int, default=0, metavar="N",
+                   help="also draw the training loss as a moving average over N logged steps (default 0: raw only)")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("experiment", help="run the experiments of experiments/*.toml into tables and plots",
@@ -443,6 +463,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="resume interrupted runs without checking their checkpoints' sha256 and with full "
                         "unpickling, which can run code: only for run folders you trust")
     e.set_defaults(func=cmd_experiment_run)
+    e = esub.add_parser("render", help="draw tables and figures again from results.json (no training)",
+                        description="Re-renders results/NAME/SCALE/table.md and its figures from its results.json "
+                                    "alone, with the experiment file's current published numbers.")
+    e.add_argument("names", nargs="*", help="experiments (default: every one with results)")
+    e.add_argument("--scale", choices=("quick", "full"), help="scale (default: every scale with results)")
+    e.add_argument("--out", type=Path, default=Path("results"), help="results root (default results/)")
+    e.set_defaults(func=cmd_experiment_render)
     e = esub.add_parser("docs", help="write docs/results.md from the results folders")
     e.add_argument("--out", type=Path, default=Path("docs/results.md"), help="Markdown file (default docs/results.md)")
     e.add_argument("--results", type=Path, default=Path("results"), help="results root (default results/)")

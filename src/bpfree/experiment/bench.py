@@ -9,7 +9,8 @@ table gives the mean over seeds of the medians. ``threads`` (if not 0) sets ``to
 threads for the timing.
 
 ``table.md``: ms/step, ratio to BP and peak MB per (depth, width, method). ``cost.png``: the
-time ratio to BP against depth (one line per width and method) and the peak memory.
+time ratio to BP against depth (one line per width and method, in the method's colour) and the
+peak memory. Both are drawn from the stored results (``bpfree experiment render``).
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ import torch
 
 from .. import bench as harness
 from ..options import OptionError, option
-from .common import Job, build_params, markdown_table, mean_std, pm, pyplot, save_figure, save_result, slug
+from ..plots import LINESTYLES, MARKERS, curve, method_colour, reference_line
+from .common import (Job, build_params, markdown_table, mean_std, pm, pyplot, save_figure, save_result, slug,
+                     stored_caption)
 from .spec import Scale, Spec
 from .train import compose
 
@@ -98,55 +101,70 @@ def write(spec: Spec, scale: Scale, seeds: int, jobs: list[Job], records: list[d
             c = cells.setdefault((job.row["depth"], job.row["width"], r["method"]),
                                  {"depth": job.row["depth"], "width": job.row["width"], "method": r["method"], "seeds": []})
             c["seeds"].append(r)
-    table_rows = []
     for c in cells.values():
         c["median_ms"] = mean_std([r["median_ms"] for r in c["seeds"]])
         c["ratio_to_bp"] = mean_std([r["ratio_to_bp"] for r in c["seeds"]])
         mem = [r["peak_mem_mb"] for r in c["seeds"] if r.get("peak_mem_mb") is not None]
         c["peak_mem_mb"] = mean_std(mem) if mem else (None, None)
-        table_rows.append([str(c["depth"]), str(c["width"]), c["method"], pm(*c["median_ms"], 2),
-                           pm(*c["ratio_to_bp"], 2), pm(*c["peak_mem_mb"], 1) if mem else "–"])
     cfg = jobs[0].config[0].run
     threads = sorted({rec["threads"] for rec in records})
     group = sorted({r.get("steps_per_sample", 1) for rec in records for r in rec["rows"]})
+    caption = (f"{cfg.model} ({p.depths} hidden layers x {p.widths} units) on "
+               f"{cfg.dataset}-shaped batches of {cfg.batch_size}, {cfg.optimizer}, device {cfg.device}, "
+               f"{'/'.join(map(str, threads))} thread(s); median of {p.repeats} alternating samples, each the mean of "
+               f"{'/'.join(map(str, group))} consecutive step(s) (GrAPE's period), after {p.warmup} warm-up "
+               f"samples; {seeds} seed(s), mean ± std (n − 1) of the medians. Peak MB: memory the training "
+               f"steps add (CUDA: max allocated; CPU: peak RSS growth in a subprocess).")
+    doc = {"caption": caption, "rows": list(cells.values())}
+    return {**doc, **render(spec, scale, doc, root)}
+
+
+def render(spec: Spec, scale: Scale, doc: dict[str, Any], root: Path, jobs: list[Job] | None = None) -> dict[str, Any]:
+    """``table.md`` and ``cost.png`` from the results ``doc`` (or a ``results.json``)."""
+    cells = doc["rows"]
+    table_rows = [[str(c["depth"]), str(c["width"]), c["method"], pm(*c["median_ms"], 2), pm(*c["ratio_to_bp"], 2),
+                   pm(*c["peak_mem_mb"], 1) if c["peak_mem_mb"][0] is not None else "–"] for c in cells]
     head = ["depth", "width", "method", "ms/step", "ratio to bp", "peak MB"]
-    table = (f"{spec.title} — scale {scale.name}: {cfg.model} ({p.depths} hidden layers x {p.widths} units) on "
-             f"{cfg.dataset}-shaped batches of {cfg.batch_size}, {cfg.optimizer}, device {cfg.device}, "
-             f"{'/'.join(map(str, threads))} thread(s); median of {p.repeats} alternating samples, each the mean of "
-             f"{'/'.join(map(str, group))} consecutive step(s) (GrAPE's period), after {p.warmup} warm-up "
-             f"samples; {seeds} seed(s), mean ± std (n − 1) of the medians. Peak MB: memory the training "
-             f"steps add (CUDA: max allocated; CPU: peak RSS growth in a subprocess).\n\n"
-             + markdown_table(head, table_rows))
+    caption = stored_caption(doc, root)
+    table = f"{spec.title} — scale {scale.name}: {caption}\n\n" + markdown_table(head, table_rows)
     (root / "table.md").write_text(table)
-    plot = _plot(list(cells.values()), p, root / "cost.png")
-    return {"table": "table.md", "plots": [plot.name], "rows": list(cells.values())}
+    plot = _plot(cells, root / "cost.png")
+    return {"table": "table.md", "plots": [plot.name], "caption": caption}
 
 
-def _plot(cells: list[dict], p: Params, path: Path) -> Path:
+def _plot(cells: list[dict], path: Path) -> Path:
     plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    styles = ["-", "--", ":", "-."]
-    methods = list(p.methods)
-    for wi, width in enumerate(p.widths):
-        for mi, method in enumerate(methods):
+    has_mem = any(c["peak_mem_mb"][0] is not None for c in cells)
+    fig, axes = plt.subplots(1, 2 if has_mem else 1, figsize=(11 if has_mem else 6, 4.4), squeeze=False)
+    axes = axes.ravel()
+    depths = sorted({c["depth"] for c in cells})
+    widths = sorted({c["width"] for c in cells})
+    methods = list(dict.fromkeys(c["method"] for c in cells))
+    for wi, width in enumerate(widths):
+        for method in methods:
             pts = sorted((c["depth"], c) for c in cells if c["width"] == width and c["method"] == method)
             if not pts:
                 continue
-            depths = [d for d, _ in pts]
-            style = dict(color=colours[mi % len(colours)], ls=styles[wi % len(styles)], marker="o", ms=3)
+            xs = [d for d, _ in pts]
+            style = dict(color=method_colour(method), ls=LINESTYLES[wi % len(LINESTYLES)], marker=MARKERS[wi % len(MARKERS)],
+                         ms=4, label=f"{method}, width {width}")
             if method != "bp":
-                axes[0].plot(depths, [c["ratio_to_bp"][0] for _, c in pts], label=f"{method}, width {width}", **style)
-            mem = [(d, c["peak_mem_mb"][0]) for d, c in pts if c["peak_mem_mb"][0] is not None]
-            if mem:
-                axes[1].plot(*zip(*mem), label=f"{method}, width {width}", **style)
-    axes[0].axhline(1.0, color="grey", lw=0.8)
-    axes[0].set(title="time per step / BP's", xlabel="depth (hidden layers)", ylabel="ratio")
-    axes[1].set(title="peak memory added by training", xlabel="depth (hidden layers)", ylabel="MB")
+                curve(axes[0], xs, [c["ratio_to_bp"][0] for _, c in pts], **style)
+            if has_mem:
+                curve(axes[1], xs, [c["peak_mem_mb"][0] for _, c in pts], **style)
+    reference_line(axes[0], 1.0, "bp (ratio 1)", colour=method_colour("bp"), ls="-")
+    axes[0].set(title="time per step / BP's", xlabel="depth (hidden layers)", ylabel="ratio to BP (axis from 0)")
+    axes[0].set_ylim(bottom=0)
+    if has_mem:
+        axes[1].set(title="peak memory training adds", xlabel="depth (hidden layers)", ylabel="MB (axis from 0)")
+        axes[1].set_ylim(bottom=0)
     for ax in axes:
         ax.set_xscale("log", base=2)
-        ax.set_xticks(list(p.depths), [str(d) for d in p.depths])
+        ax.set_xticks(depths, [str(d) for d in depths])
+        ax.minorticks_off()
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
+    fig.suptitle("What does each method cost per step against BP, and how does it grow with depth and width?",
+                 fontsize=10)
     return save_figure(fig, path)

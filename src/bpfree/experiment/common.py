@@ -13,6 +13,7 @@ from typing import Any
 
 from .. import options as opts
 from ..options import OptionError
+from ..plots import pyplot, save_figure  # noqa: F401  (the kinds import them from here)
 from ..train.checkpoint import save_json
 from .spec import Spec
 
@@ -115,20 +116,18 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-# -- figures -------------------------------------------------------------------------------------
-def pyplot():
-    """matplotlib's pyplot on the Agg backend (files only, no display)."""
-    import matplotlib
+# -- figures and re-rendering ------------------------------------------------------------------
+def stored_caption(doc: dict[str, Any], root: Path) -> str:
+    """The table caption of results ``doc`` (what every row shares: the settings of the runs).
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def save_figure(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    pyplot().close(fig)
-    return path
+    Results written before the caption was stored in ``results.json`` take it from the first
+    paragraph of the ``table.md`` written with them, without its ``TITLE — scale NAME:`` prefix.
+    """
+    if doc.get("caption"):
+        return doc["caption"]
+    path = Path(root) / doc.get("table", "table.md")
+    if not path.exists():
+        return ""
+    first = path.read_text().split("\n\n", 1)[0].strip()
+    prefix = f"{doc.get('title', '')} — scale {doc.get('scale', '')}: "
+    return first[len(prefix):] if first.startswith(prefix) else first

@@ -2,7 +2,8 @@
 
 Per experiment: its title, questions, description, then per scale found (quick, then full) the
 scale's assumptions, the table (``table.md``), the figures (image links relative to the page)
-and the published numbers it compares with. ``docs/findings.md``, a hand-written summary, is
+and the published numbers it compares with (generated from the entries of its experiment file,
+stored in ``results.json``). ``docs/findings.md``, a hand-written summary, is
 placed at the top under "Answers at quick scale" when it exists.
 """
 
@@ -13,6 +14,7 @@ import os
 import re
 from pathlib import Path
 
+from .published import from_json, markdown
 from .spec import SCALES
 
 
@@ -71,11 +73,20 @@ def page(results: str | Path = "results", out: str | Path = "docs/results.md",
             for plot in doc.get("plots", []):
                 rel = Path(os.path.relpath((d / plot).resolve(), out.parent.resolve())).as_posix()
                 lines += [f"![{name} {scale}: {Path(plot).stem}]({rel})", ""]
-        if first.get("published", "").strip():
-            lines += ["**Published:**", "", first["published"].strip(), ""]
+        text = _published(first.get("published"))
+        if text:
+            lines += ["**Published:**", "", text, ""]
     if not found:
         lines += ["No results yet: run `bpfree experiment run NAME` (see `bpfree experiment list`).", ""]
     return "\n".join(lines)
+
+
+def _published(items) -> str:
+    """The published block: generated from the stored entries (:func:`.published.markdown`); text
+    as stored by results written before published numbers were data."""
+    if isinstance(items, list):
+        return markdown(from_json(items)).strip() if items else ""
+    return (items or "").strip()
 
 
 def _anchor(name: str) -> str:

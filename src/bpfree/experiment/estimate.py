@@ -32,7 +32,9 @@ from ..feedback.matrices import frobenius_cos
 from ..metrics.jacobians import mean_jacobians
 from ..options import OptionError, option
 from ..points import feedback_points
-from .common import Job, build_params, markdown_table, mean_std, pm, pyplot, save_figure, save_result, slug
+from ..plots import sequential
+from .common import (Job, build_params, markdown_table, mean_std, pm, pyplot, save_figure, save_result, slug,
+                     stored_caption)
 from .spec import Scale, Spec
 
 INPUT_SHAPE, CLASSES = (1, 28, 28), 10
@@ -177,33 +179,39 @@ def write(spec: Spec, scale: Scale, seeds: int, jobs: list[Job], records: list[d
     for job, rec in zip(jobs, records):
         r = rows.setdefault(job.label, {"label": job.label, **job.row, "seeds": []})
         r["seeds"].append(rec)
-    table_rows = []
     for r in rows.values():
         r["cos"] = [mean_std([s["cos"][i] for s in r["seeds"]]) for i in range(len(samples))]
         r["slope"], r["a"] = fit(samples, [m for m, _ in r["cos"]])
-        table_rows.append([str(r["depth"]), str(r["batch"])] + [pm(m, s, 3) for m, s in r["cos"]]
-                          + ["–" if r["slope"] is None else f"{r['slope']:.2f}"])
     inputs_used = sorted({s["inputs"] for r in rows.values() for s in r["seeds"]})
+    caption = (f"Frobenius cosine of the mean of N forward-mode estimates with the exact mean Jacobian, averaged "
+               f"over feedback points; {p.model} of width {p.width}, {p.activation}; inputs: {'; '.join(inputs_used)}; "
+               f"{seeds} seed(s), mean ± std (n − 1). Slope: least-squares slope of log(1/cos² − 1) on log N.")
+    doc = {"caption": caption, "samples": samples, "inputs": inputs_used, "rows": list(rows.values())}
+    return {**doc, **render(spec, scale, doc, root)}
+
+
+def render(spec: Spec, scale: Scale, doc: dict[str, Any], root: Path, jobs: list[Job] | None = None) -> dict[str, Any]:
+    """``table.md`` and ``estimate.png`` from the results ``doc`` (or a ``results.json``)."""
+    samples, rows = doc["samples"], doc["rows"]
+    table_rows = [[str(r["depth"]), str(r["batch"])] + [pm(m, s, 3) for m, s in r["cos"]]
+                  + ["–" if r["slope"] is None else f"{r['slope']:.2f}"] for r in rows]
     head = ["depth", "batch k"] + [f"N={n}" for n in samples] + ["slope (theory −1)"]
-    table = (f"{spec.title} — scale {scale.name}: Frobenius cosine of the mean of N forward-mode estimates "
-             f"with the exact mean Jacobian, averaged over feedback points; {p.model} of width {p.width}, "
-             f"{p.activation}; inputs: {'; '.join(inputs_used)}; {seeds} seed(s), mean ± std (n − 1). "
-             f"Slope: least-squares slope of log(1/cos² − 1) on log N.\n\n" + markdown_table(head, table_rows))
+    caption = stored_caption(doc, root)
+    table = f"{spec.title} — scale {scale.name}: {caption}\n\n" + markdown_table(head, table_rows)
     (root / "table.md").write_text(table)
-    plot = _plot(list(rows.values()), samples, p, root / "estimate.png")
-    return {"table": "table.md", "plots": [plot.name], "samples": samples, "inputs": inputs_used,
-            "rows": list(rows.values())}
+    plot = _plot(rows, samples, root / "estimate.png")
+    return {"table": "table.md", "plots": [plot.name], "caption": caption}
 
 
-def _plot(rows: list[dict], samples: list[int], p: Params, path: Path) -> Path:
+def _plot(rows: list[dict], samples: list[int], path: Path) -> Path:
     plt = pyplot()
     batches = list(dict.fromkeys(r["batch"] for r in rows))
-    fig, axes = plt.subplots(1, len(batches), figsize=(5.5 * len(batches), 4), squeeze=False)
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig, axes = plt.subplots(1, len(batches), figsize=(5.5 * len(batches), 4.3), squeeze=False)
     depths = list(dict.fromkeys(r["depth"] for r in rows))
+    colours = sequential(len(depths))
     for ax, batch in zip(axes.ravel(), batches):
         for r in (r for r in rows if r["batch"] == batch):
-            colour = colours[depths.index(r["depth"]) % len(colours)]
+            colour = colours[depths.index(r["depth"])]
             means = [m for m, _ in r["cos"]]
             errs = [s or 0.0 for _, s in r["cos"]]
             ax.errorbar(samples, means, yerr=errs, color=colour, marker="o", ms=3, capsize=2, label=f"depth {r['depth']}")
@@ -211,8 +219,11 @@ def _plot(rows: list[dict], samples: list[int], p: Params, path: Path) -> Path:
                 grid = [samples[0] * (samples[-1] / samples[0]) ** (i / 60) for i in range(61)]
                 ax.plot(grid, [1 / math.sqrt(1 + r["a"] / n) for n in grid], color=colour, ls="--", lw=0.9)
         ax.set_xscale("log", base=2)
-        ax.set(title=f"sub-batch k = {batch} (dashed: 1/sqrt(1 + a/N))", xlabel="N (estimates averaged)",
-               ylabel="Frobenius cosine with exact Jbar", ylim=(-0.05, 1.05))
+        ax.set_xticks(samples, [str(n) for n in samples], fontsize=8)
+        ax.set(title=f"sub-batch k = {batch} (dashed: fitted 1/sqrt(1 + a/N))", xlabel="N (estimates averaged)",
+               ylabel="Frobenius cosine with the exact J̄ (axis from 0)", ylim=(0, 1.05))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    fig.suptitle("How fast does the forward-mode Jacobian estimate approach the exact mean Jacobian as samples "
+                 "are averaged? (mean ± std over seeds)", fontsize=10)
     return save_figure(fig, path)

@@ -7,15 +7,20 @@ Each kind (:mod:`.train`, :mod:`.toy`, :mod:`.estimate`, :mod:`.bench`) provides
 * ``status(job)``: done, new, resume, stale or failed (default: the job's cached ``result.json``),
 * ``execute(job, state, ctx)``: compute it (and store the result); returns a one-line report,
 * ``record(job)``: its stored result (default: from ``result.json``),
-* ``write(spec, scale, seeds, jobs, records, root)``: ``table.md`` and PNG figures; returns results.
+* ``write(spec, scale, seeds, jobs, records, root)``: the results, with ``table.md`` and PNG figures,
+* ``render(spec, scale, doc, root, jobs=None)``: ``table.md`` and the figures again from stored
+  results ``doc`` (a ``results.json``); returns what it changed in them.
 
 Results go to ``OUT/NAME/SCALE/``: ``table.md``, the figures, ``results.json`` (the experiment's
-text, the scale, every per-seed number) and ``runs/`` (one folder per job; not committed). A call
-that stops (Ctrl-C, a crash) leaves the finished jobs in ``runs/``; the next call continues.
+text, its published numbers, the scale, every per-seed number) and ``runs/`` (one folder per job;
+not committed). A call that stops (Ctrl-C, a crash) leaves the finished jobs in ``runs/``; the
+next call continues. :func:`render` redraws tables and figures from ``results.json`` alone (no
+training, no ``runs/``), with the experiment file's current published numbers.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,8 +100,38 @@ def run(spec: Spec, scale: str, *, seeds: int | None = None, out: str | Path = "
     results = kind.write(spec, spec.scale(scale), n_seeds, jobs, records, root)
     sc = spec.scale(scale)
     doc = {"name": spec.name, "title": spec.title, "kind": spec.kind, "questions": spec.questions,
-           "description": spec.description, "published": spec.published, "scale": scale, "seeds": n_seeds,
+           "description": spec.description, **published(spec), "scale": scale, "seeds": n_seeds,
            "assumed": sc.assumed, "written": time.strftime("%Y-%m-%d %H:%M:%S"), **results}
     save_json(to_json(doc), root / "results.json")
     echo(f"{spec.name}: {len(jobs)} runs -> {root / 'table.md'}")
+    return doc
+
+
+def published(spec: Spec) -> dict[str, Any]:
+    """The experiment's published numbers as ``results.json`` stores them."""
+    return {"published": [e.to_dict() for e in spec.published], "published_compare": spec.published_compare}
+
+
+def render(spec: Spec, scale: str, *, out: str | Path = "results", echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Draw ``OUT/NAME/SCALE/``'s table and figures again from its ``results.json`` (nothing is
+    trained or read from ``runs/``), with the experiment file's current published numbers; the
+    results file is rewritten with them and with what the tables derive (published values, gaps
+    closed). Returns the results."""
+    sc = spec.scale(scale)
+    root = Path(out) / spec.name / scale
+    path = root / "results.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no results to render; run `bpfree experiment run {spec.name} "
+                                f"--scale {scale}` first")
+    doc = json.loads(path.read_text())
+    if doc.get("kind") != spec.kind:
+        raise OptionError(f"{path} holds results of kind {doc.get('kind')!r}, but {spec.path} is of kind {spec.kind!r}")
+    try:
+        jobs, _ = plan(spec, scale, doc.get("seeds"), out)
+    except OptionError:
+        jobs = None  # only used for what older results.json files lack
+    doc.update(KIND_MODULES[spec.kind].render(spec, sc, doc, root, jobs=jobs))
+    doc.update(published(spec))
+    save_json(to_json(doc), path)
+    echo(f"{spec.name}: {scale} -> {root / doc.get('table', 'table.md')}, {', '.join(doc.get('plots', []))}")
     return doc

@@ -6,7 +6,12 @@ Schema (every key below is checked; an unknown one is an error naming the file a
     kind = "train"              # train | toy | estimate | bench
     questions = ["main"]        # "main" and/or REFERENCE questions "Q1" ... "Q6"
     description = "what it measures and why"
-    published = "Markdown: the published numbers this compares with (or empty)"
+    published = [               # the published numbers it compares with (schema: .published)
+      { source = "grape-2026", dataset = "cifar10", model = "cnn", variant = "bp", metric = "test_accuracy", value = 74.66 },
+      { source = "grape-2026", claim = "a published statement without a number" },
+    ]
+    published_compare = { source = "grape-2026", dataset = "cifar10" }  # optional: which published
+                                # setting rows are set against where several fit
 
     [base]                      # kind train and bench: a run configuration as for --config:
     [base.run]                  # [base.run], [base.model], [base.method], [base.data] sections
@@ -46,11 +51,13 @@ from typing import Any
 
 from ..options import OptionError
 from ..train.config import SECTIONS, load_toml
+from . import published as pub
+from .published import Entry
 
 KINDS = ("train", "toy", "estimate", "bench")
 SCALES = ("quick", "full")
-TOP_KEYS = ("title", "kind", "questions", "description", "published", "base", "scales", "variants", "grid",
-            "toy", "estimate", "bench")
+TOP_KEYS = ("title", "kind", "questions", "description", "published", "published_compare", "base", "scales",
+            "variants", "grid", "toy", "estimate", "bench")
 SCALE_KEYS = ("seeds", "assumed", "grid")
 QUESTION = re.compile(r"^(main|Q[1-9][0-9]*)$")
 
@@ -76,12 +83,13 @@ class Spec:
     kind: str
     questions: list[str]
     description: str
-    published: str
+    published: list[Entry]
     base: dict[str, Any]
     scales: dict[str, Scale]
     variants: list[dict[str, Any]]
     grid: dict[str, list[Any]]
     params: dict[str, Any]  # the [toy] / [estimate] / [bench] section
+    published_compare: dict[str, Any] = field(default_factory=dict)
 
     def scale(self, name: str) -> Scale:
         """The scale ``name``, or an error listing this experiment's scales."""
@@ -259,6 +267,7 @@ def load_spec(path: str | Path) -> Spec:
             _fail(path, "grid", f"a grid belongs to kind 'train' only (this is {kind!r})")
     return Spec(
         name=path.stem, path=path, title=title, kind=kind, questions=list(questions),
-        description=_text(path, data, "description"), published=_text(path, data, "published"),
+        description=_text(path, data, "description"), published=pub.parse(path, data.get("published")),
         base=base, scales=scales, variants=[dict(v) for v in variants], grid=grid, params=dict(params),
+        published_compare=pub.parse_compare(path, data.get("published_compare")),
     )

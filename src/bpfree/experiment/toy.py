@@ -7,7 +7,8 @@ the seed draws ``G`` and ``B_0``). One job is one (rule, noise, seed) with every
 
 ``table.md``: the final mean per-unit cosine per (rule, noise) and ``c0``, mean ± std over seeds.
 ``dynamics.png``: one panel per rule, the mean per-unit cosine over steps for each ``c0`` (mean
-over seeds), the first noise level solid, the others dashed and dotted.
+over seeds; colour from blue at -0.9 to red at 0.9), the first noise level solid, the others
+dashed and dotted. Both are drawn from the stored results (``bpfree experiment render``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from typing import Any
 from ..feedback.rules import RENORMS, RULES
 from ..feedback.toy import fixed_target_dynamics
 from ..options import OptionError, option
-from .common import Job, build_params, markdown_table, mean_std, pm, pyplot, save_figure, save_result, show, slug
+from ..plots import LINESTYLES, curve, diverging, reference_line
+from .common import (Job, build_params, markdown_table, mean_std, pm, pyplot, save_figure, save_result, show, slug,
+                     stored_caption)
 from .spec import Scale, Spec
 
 
@@ -103,7 +106,6 @@ def write(spec: Spec, scale: Scale, seeds: int, jobs: list[Job], records: list[d
     for job, rec in zip(jobs, records):
         g = groups.setdefault(job.label, {"label": job.label, **job.row, "seeds": []})
         g["seeds"].append(rec["trajectories"])
-    rows = []
     for g in groups.values():
         g["final_unit_cos"], g["final_frobenius_cos"], g["mean_unit_cos"] = {}, {}, {}
         for c in c0s:
@@ -115,36 +117,49 @@ def write(spec: Spec, scale: Scale, seeds: int, jobs: list[Job], records: list[d
                 "step": [steps[i] for i in keep],
                 "unit_cos": [sum(t[c]["unit_cos"][i] for t in g["seeds"]) / len(g["seeds"]) for i in keep],
             }
-        rows.append([g["rule"], show(g["noise"])] + [pm(*g["final_unit_cos"][c], 3) for c in c0s])
         g["per_seed_final_unit_cos"] = {c: [t[c]["unit_cos"][-1] for t in g["seeds"]] for c in c0s}
         del g["seeds"]  # whole trajectories stay in runs/; results.json keeps the mean, thinned
+    caption = (f"final mean per-unit cosine after {p.steps} updates (eta {p.eta:g}, B and G of {p.n}x{p.o}, "
+               f"renorm {p.renorm}); noise relative to rms(B_0), 'default' = the rule's own; {seeds} seed(s), "
+               f"mean ± std (n − 1).")
+    doc = {"caption": caption, "rows": list(groups.values())}
+    return {**doc, **render(spec, scale, doc, root)}
+
+
+def render(spec: Spec, scale: Scale, doc: dict[str, Any], root: Path, jobs: list[Job] | None = None) -> dict[str, Any]:
+    """``table.md`` and ``dynamics.png`` from the results ``doc`` (or a ``results.json``)."""
+    groups = doc["rows"]
+    c0s = list(groups[0]["final_unit_cos"]) if groups else []
+    rows = [[g["rule"], show(g["noise"])] + [pm(*g["final_unit_cos"][c], 3) for c in c0s] for g in groups]
     head = ["rule", "noise"] + [f"c0 = {c}" for c in c0s]
-    table = (f"{spec.title} — scale {scale.name}: final mean per-unit cosine after {p.steps} updates "
-             f"(eta {p.eta:g}, B and G of {p.n}x{p.o}, renorm {p.renorm}); noise relative to rms(B_0), "
-             f"'default' = the rule's own; {seeds} seed(s), mean ± std (n − 1).\n\n" + markdown_table(head, rows))
+    caption = stored_caption(doc, root)
+    table = f"{spec.title} — scale {scale.name}: {caption}\n\n" + markdown_table(head, rows)
     (root / "table.md").write_text(table)
-    plot = _plot(list(groups.values()), p, root / "dynamics.png")
-    return {"table": "table.md", "plots": [plot.name], "rows": list(groups.values())}
+    plot = _plot(groups, root / "dynamics.png")
+    return {"table": "table.md", "plots": [plot.name], "caption": caption}
 
 
-def _plot(groups: list[dict], p: Params, path: Path) -> Path:
+def _plot(groups: list[dict], path: Path) -> Path:
     plt = pyplot()
     rules = list(dict.fromkeys(g["rule"] for g in groups))
     cols = min(len(rules), 3)
     nrows = -(-len(rules) // cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(4.6 * cols, 3.6 * nrows), squeeze=False)
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    styles = ["-", "--", ":", "-."]
-    noises = list(p.noise)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.6 * cols, 3.6 * nrows + 0.5), squeeze=False)
+    noises = list(dict.fromkeys(g["noise"] for g in groups))
+    c0s = list(dict.fromkeys(c for g in groups for c in g["mean_unit_cos"]))
+    colours = diverging([float(c) for c in c0s])
     for ax, rule in zip(axes.ravel(), rules):
         for g in (g for g in groups if g["rule"] == rule):
-            ls = styles[noises.index(g["noise"]) % len(styles)]
-            for i, (c, curve) in enumerate(g["mean_unit_cos"].items()):
-                ax.plot(curve["step"], curve["unit_cos"], color=colours[i % len(colours)], ls=ls, lw=1.2,
-                        label=f"c0={c}, noise={show(g['noise'])}")
-        ax.set(title=rule, xlabel="update", ylabel="mean per-unit cosine", ylim=(-1.05, 1.05))
+            ls = LINESTYLES[noises.index(g["noise"]) % len(LINESTYLES)]
+            for c, points in g["mean_unit_cos"].items():
+                curve(ax, points["step"], points["unit_cos"], color=colours[c0s.index(c)], ls=ls, lw=1.2,
+                      label=f"c0={c}, noise={show(g['noise'])}")
+        ax.set(title=f"rule {rule}", xlabel="update", ylabel="mean per-unit cosine with G", ylim=(-1.05, 1.05))
+        reference_line(ax, 0.0, colour="#999999", ls="-", lw=0.6)
         ax.grid(alpha=0.3)
     for ax in axes.ravel()[len(rules):]:
-        ax.axis("off")
+        fig.delaxes(ax)
     axes.ravel()[0].legend(fontsize=6, ncol=2)
+    fig.suptitle("Does each rule turn B toward a fixed target Jacobian G? Mean per-unit cosine from each start c0 "
+                 f"(mean over seeds; line style: noise {', '.join(show(n) for n in noises)})", fontsize=10)
     return save_figure(fig, path)
