@@ -438,7 +438,7 @@ def load_corpus(path: PathLike, level: str, min_count: int, sha256: str,
         n = corpus.splits[s].numel()
         if n < 2:
             what = f"its {s} part ({share[s]} of the text)" if "all" in files else files[s].name
-            raise DataError(f"{root}: {what} holds {n} token(s); every split needs at least 2 (one to predict "
+            raise DataError(f"{root} is too short: {what} holds {n} token(s); every split needs at least 2 (one to predict "
                             f"from, one to predict): give a longer text")
     write_cache(cache, {"vocab": corpus.vocab, "splits": corpus.splits})
     return corpus
