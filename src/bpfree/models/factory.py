@@ -8,7 +8,8 @@ Options: FACTORY's parameters after the first two that have a default which is a
 string, a boolean, ``None`` or a tuple/list of those (or an annotation ``int``, ``float``, ``str``,
 ``bool``, ``tuple[int, ...]``...), are the model's options: ``--set KEY=VALUE`` or ``[model]`` in a
 config file, checked and converted like the zoo's. A parameter without a default is a required
-option. Two more options are recorded by bpfree: ``file`` (the factory's file) and ``sha256``
+option. An untyped option (no annotation, default ``None`` or none) reads an integer, a number or
+true/false given as text as such, anything else as text. Two more options are recorded by bpfree: ``file`` (the factory's file) and ``sha256``
 (of its bytes): a run resumed with a changed file is refused.
 
 Feedback points: a plain ``nn.Sequential`` without points gets them from :func:`bpfree.attach`
@@ -155,13 +156,25 @@ def _option_type(annotation: Any, default: Any) -> Any:
         elif ok(annotation):
             return annotation
     if default is inspect.Parameter.empty or default is None:
-        return Any if default is None else None
+        return Any  # untyped: numbers and booleans given as text are read as such (see _literal)
     if type(default) in _SCALARS:
         return type(default)
     if isinstance(default, (tuple, list)) and all(type(v) in _SCALARS for v in default):
         kinds = {type(v) for v in default}
         return tuple[kinds.pop(), ...] if len(kinds) == 1 else tuple[Any, ...]
     return None
+
+
+def _literal(value: Any) -> Any:
+    """A value given as text for an untyped option: an integer, a number, true/false, or the text itself."""
+    if not isinstance(value, str):
+        return value
+    for parse in (int, float):
+        try:
+            return parse(value)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(value.strip().lower(), value)
 
 
 def options_class(factory: Factory) -> tuple[type, list[str]]:
@@ -193,12 +206,13 @@ def options_class(factory: Factory) -> tuple[type, list[str]]:
         required = p.default is inspect.Parameter.empty
         default = None if required else (tuple(p.default) if isinstance(p.default, list) else p.default)
         help = f"{'required: ' if required else ''}parameter {p.name} of the factory"
-        fields.append((p.name, Optional[tp] if required else tp, option(default, help), required))
+        fields.append((p.name, Optional[tp] if required and tp is not Any else tp, option(default, help), required))
     return _dataclass(factory, fields, label), [f[0] for f in fields]
 
 
 def _dataclass(factory: Factory, fields: list, label: str) -> type:
     required = [f[0] for f in fields if f[3]]
+    untyped = [f[0] for f in fields if f[1] is Any]
 
     def check(self) -> None:
         if self.sha256 and factory.sha256 and self.sha256 != factory.sha256:
@@ -207,6 +221,8 @@ def _dataclass(factory: Factory, fields: list, label: str) -> type:
                 f"{factory.sha256}, the configuration records {self.sha256}; restore the file or start a new run"
             )
         self.file, self.sha256 = factory.file, factory.sha256
+        for key in untyped:
+            setattr(self, key, _literal(getattr(self, key)))
         for key in required:
             if getattr(self, key) is None:
                 raise OptionError(f"model {label}: option {key!r} is required (the factory's parameter has no "
