@@ -65,6 +65,11 @@ def _fraction(value: float, key: str) -> None:
         raise OptionError(f"option {key!r} must lie in [0, 1), got {value}")
 
 
+def _seed(value: int) -> None:
+    if not 0 <= value < 2**63:
+        raise OptionError(f"option 'split_seed' must lie in [0, 2**63), got {value}")
+
+
 @dataclass
 class NpzOptions(_Verified):
     test_fraction: float = option(0.0, "with arrays x, y instead of x_train, ..., y_test: the fraction of samples "
@@ -76,6 +81,7 @@ class NpzOptions(_Verified):
 
     def check(self) -> None:
         _fraction(self.test_fraction, "test_fraction")
+        _seed(self.split_seed)
         if self.classes < 0:
             raise OptionError(f"option 'classes' must not be negative, got {self.classes}")
         self.verify()
@@ -97,6 +103,7 @@ class ImageOptions(_Verified):
         if len(self.size) > 2 or any(s < 1 for s in self.size):
             raise OptionError(f"option 'size' takes N or H,W with positive sizes, got {','.join(map(str, self.size))}")
         _fraction(self.test_fraction, "test_fraction")
+        _seed(self.split_seed)
         self.verify()
 
 
