@@ -85,8 +85,8 @@ def test_npz_x_y_are_split_by_a_seeded_fraction(tmp_path):
     np.savez(path, x=x, y=y)
     task = load(f"npz:{path}", tmp_path / "cache", test_fraction=0.3, split_seed=7, normalize="false")
     perm = torch.randperm(50, generator=torch.Generator().manual_seed(7))
-    test = sorted(perm[:15].tolist())  # round(0.3 * 50) = 15 drawn for test
-    train = sorted(perm[15:].tolist())
+    test = perm[:15].tolist()  # round(0.3 * 50) = 15 drawn for test, in the permutation's order
+    train = perm[15:].tolist()
     assert task.test_x[:, 0].long().tolist() == test and task.train_x[:, 0].long().tolist() == train
     assert task.train_y.tolist() == [i % 5 for i in train]
 
@@ -189,7 +189,7 @@ def test_image_folder_pixels_labels_and_seeded_split(tmp_path):
     pixels = np.stack(list(written.values()))[:, None]  # grey: one channel, files in class then name order
     labels = [("cat", "dog", "eel").index(k.split("/")[0]) for k in written]
     perm = torch.randperm(12, generator=torch.Generator().manual_seed(3))
-    test, train = sorted(perm[:3].tolist()), sorted(perm[3:].tolist())
+    test, train = perm[:3].tolist(), perm[3:].tolist()
     assert task.input_shape == (1, 6, 5) and task.num_classes == 3
     assert torch.equal(task.train_x, torch.tensor(pixels[train])) and torch.equal(task.test_x, torch.tensor(pixels[test]))
     assert task.train_y.tolist() == [labels[i] for i in train] and task.test_y.tolist() == [labels[i] for i in test]
@@ -203,12 +203,14 @@ def test_image_folder_train_and_test_folders_rgb_and_resize(tmp_path):
     root = tmp_path / "imgs"
     train = image_folder(root / "train", classes=("a", "b"), per_class=3, mode="RGB", shape=(8, 6))
     test = image_folder(root / "test", classes=("b",), per_class=2, mode="RGB", shape=(8, 6), seed=1)
-    task = load(f"images:{root}", tmp_path / "cache", normalize="false", size="4,3")
+    task = load(f"images:{root}", tmp_path / "cache", normalize="false", size="4,3", split_seed=5)
     resized = lambda px: np.asarray(Image.fromarray(px).resize((3, 4), Image.Resampling.BILINEAR)).transpose(2, 0, 1)
+    order = lambda n: torch.randperm(n, generator=torch.Generator().manual_seed(5)).tolist()  # each split's order
+    train_px, test_px = [resized(p) for p in train.values()], [resized(p) for p in test.values()]
     assert task.input_shape == (3, 4, 3) and task.num_classes == 2
-    assert torch.equal(task.train_x, torch.tensor(np.stack([resized(p) for p in train.values()])))
-    assert torch.equal(task.test_x, torch.tensor(np.stack([resized(p) for p in test.values()])))
-    assert task.train_y.tolist() == [0, 0, 0, 1, 1, 1] and task.test_y.tolist() == [1, 1]
+    assert torch.equal(task.train_x, torch.tensor(np.stack([train_px[i] for i in order(6)])))
+    assert torch.equal(task.test_x, torch.tensor(np.stack([test_px[i] for i in order(2)])))
+    assert task.train_y.tolist() == [[0, 0, 0, 1, 1, 1][i] for i in order(6)] and task.test_y.tolist() == [1, 1]
 
 
 def test_image_folder_colour_is_rgb_as_soon_as_one_image_is(tmp_path):

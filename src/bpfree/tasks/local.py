@@ -9,7 +9,9 @@ turns what it reads into a :class:`~bpfree.tasks.vision.ClassificationTask` or a
   ``test_fraction``. Inputs ``(N, C, H, W)``, ``(N, H, W)`` (one channel) or ``(N, F)`` flat features,
   any real dtype (uint8 is read as pixels ``0..255``); labels integers ``0 .. classes-1``.
 * ``images:FOLDER``: ``FOLDER/<class>/*.png|jpg``, or ``FOLDER/train/<class>/...`` and
-  ``FOLDER/test/<class>/...``; labels are the class folders in sorted order.
+  ``FOLDER/test/<class>/...``; labels are the class folders in sorted order. Samples are held
+  in an order drawn from ``split_seed`` (not class by class), so ``limit_train`` and
+  ``limit_test`` take random subsets; so are the two parts of an ``x, y`` archive.
 * ``text:FILE``: a UTF-8 text, word or character level; a FILE that is a folder holds
   ``train.txt``, ``valid.txt`` and ``test.txt``, else the text is cut 90/5/5.
 
@@ -95,7 +97,8 @@ class ImageOptions(_Verified):
                         choices=("auto", "grey", "rgb"))
     test_fraction: float = option(0.2, "without train/ and test/ folders: the fraction of images held out for "
                                        "test (drawn with split_seed)")
-    split_seed: int = option(0, "seed of the train/test split (test_fraction)")
+    split_seed: int = option(0, "seed of the train/test split and of the order samples are held in (limits "
+                                "take the first ones)")
     normalize: bool = option(True, NORMALIZE_HELP)
     sha256: str = option("", SHA256_HELP)
 
@@ -126,15 +129,21 @@ class TextOptions(_Verified):
 # --------------------------------------------------------------------------- loading
 
 
+def _order(n: int, seed: int) -> torch.Tensor:
+    """A permutation of ``range(n)`` drawn from ``seed`` (``torch.randperm``)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+
+
 def _split(n: int, fraction: float, seed: int, what: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sorted ``(train, test)`` indices of ``n`` samples: ``round(fraction n)`` (at least 1) drawn for test."""
+    """``(train, test)`` indices of ``n`` samples: the permutation :func:`_order` ``(n, seed)``, its first
+    ``round(fraction n)`` (at least 1) for test and the rest for training, in that random order."""
     if fraction <= 0:
         raise DataError(f"{what}: no test split; give --set test_fraction=F (e.g. 0.2)")
     if n < 2:
         raise DataError(f"{what} holds {n} sample(s): too few to split into train and test")
     n_test = min(max(round(fraction * n), 1), n - 1)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    return perm[n_test:].sort().values, perm[:n_test].sort().values
+    perm = _order(n, seed)
+    return perm[n_test:], perm[:n_test]
 
 
 def _stats(x: np.ndarray) -> tuple[list[float], list[float]]:
@@ -240,9 +249,10 @@ def _load_images(path: str) -> Callable[..., ClassificationTask]:
         d = load_images(path, o.size, o.color, o.sha256, data_dir)
         if d.split_names == ["all"]:
             tr, te = _split(len(d.labels), o.test_fraction, o.split_seed, f"the image folder {path}")
-        else:
+        else:  # each split in a random order too, so that limits take a random subset
             tr = torch.nonzero(d.split == d.split_names.index("train")).flatten()
             te = torch.nonzero(d.split == d.split_names.index("test")).flatten()
+            tr, te = tr[_order(len(tr), o.split_seed)], te[_order(len(te), o.split_seed)]
         mean, std = _stats(d.images[tr].numpy()) if o.normalize else (None, None)
         tr, te = (tr[:limit_train] if limit_train else tr), (te[:limit_test] if limit_test else te)
         return ClassificationTask(f"images:{path}", tuple(d.images.shape[1:]), len(d.classes), d.images[tr],
