@@ -371,3 +371,31 @@ def test_unknown_prefix_and_empty_path(tmp_path):
         tasks.get("csv:x.csv")
     with pytest.raises(OptionError, match="names no file"):
         tasks.get("images:")
+
+
+# --------------------------------------------------------------------------- bpfree compare end to end
+
+
+def test_compare_bp_dfa_grape_on_a_generated_text_and_image_folder(tmp_path):
+    import runpy
+
+    repo = Path(__file__).resolve().parents[1]
+    runpy.run_path(str(repo / "experiments" / "examples" / "make_shapes.py"))["write"](tmp_path / "shapes", 8, 3, 0)
+    rng = np.random.default_rng(0)
+    words = ["the", "cat", "sees", "a", "dog", "today", "."]
+    (tmp_path / "corpus.txt").write_text("\n".join(" ".join(rng.choice(words, 6)) for _ in range(200)) + "\n")
+    runs = {
+        "text": ["--dataset", f"text:{tmp_path / 'corpus.txt'}", "--model", "transformer", "--set", "context=8",
+                 "--set", "d_model=16", "--set", "heads=2", "--set", "depth=1", "--limit-train", "48"],
+        "images": ["--dataset", f"images:{tmp_path / 'shapes'}", "--model", "cnn", "--set", "channels=4,8",
+                   "--set", "hidden=16", "--limit-train", "16"],
+    }
+    for kind, args in runs.items():
+        out = tmp_path / f"cmp-{kind}"
+        rc, text, err = run_cli("compare", "--methods", "bp,dfa,grape", *args, "--epochs", "1", "--batch-size", "8",
+                                "--no-progress", "--data-dir", tmp_path / "cache", "--out", out)
+        assert rc == 0, err
+        table = (out / "compare.md").read_text()
+        assert [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ")][1:] == \
+               ["bp", "dfa", "grape"]
+        assert ("test ppl" if kind == "text" else "test accuracy") in table and table in text
