@@ -17,6 +17,10 @@ the CLI exits with code 2 and one line ``bpfree: error: ...`` on stderr. Input c
 * CLI: random ``--set`` strings, bad flag values, bad ``--resume`` input (extra options, bad
   device, corrupt ``config.toml``, a changed configuration, a truncated checkpoint, a plain file)
   and a fresh ``train`` into an existing run: each fails and leaves the run directory as it was.
+* own data and models: random, truncated and oddly shaped ``npz:``, ``images:`` and ``text:`` files
+  (hypothesis) train or fail with one line and leave the cache without partial files; junk
+  dataset and model names; odd values of the new options (``size``, ``color``, ``test_fraction``,
+  ``level``, ``log``, a factory's options, a wrong ``sha256``).
 """
 
 from __future__ import annotations
