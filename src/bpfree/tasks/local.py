@@ -218,7 +218,7 @@ def _load_npz(path: str) -> Callable[..., ClassificationTask]:
             raise DataError(f"{p}: labels go up to {top - 1}, outside [0, {classes}) (option classes)")
         if classes < 2:
             raise DataError(f"{p}: every label is 0; a classification task needs at least two classes")
-        if xtr.dtype == np.uint8:
+        if xtr.dtype == np.uint8 and xte.dtype == np.uint8:  # pixels: kept as bytes, standardised per batch
             mean, std = _stats(xtr) if o.normalize else (None, None)
             tensors = [torch.from_numpy(np.ascontiguousarray(a)) for a in (xtr, xte)]
         else:
