@@ -200,10 +200,11 @@ def test_resume_refuses_a_changed_factory_file(zoo, tmp_path):
     assert rc == 0, err
     digest = hashlib.sha256(zoo.read_bytes()).hexdigest()
     assert f'sha256 = "{digest}"' in (out / "config.toml").read_text()
-    original = zoo.read_text()
-    zoo.write_text(original + "\n# an edit\n")
+    original, marker = zoo.read_text(), tmp_path / "ran"
+    zoo.write_text(original + f"\nopen({str(marker)!r}, 'w').close()\n")  # an edit that would leave a mark
     rc, _, err = run_cli("train", "--resume", out, "--no-progress")
-    assert_one_line_error(rc, err, f"the model file {zoo} changed", digest)
+    assert_one_line_error(rc, err, f"the model file {zoo} changed", digest, "was not run")
+    assert not marker.exists()  # refused before the changed file ran
     zoo.write_text(original)
     assert run_cli("train", "--resume", out, "--no-progress")[0] == 0
 

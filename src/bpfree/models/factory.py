@@ -18,6 +18,8 @@ Feedback points: a plain ``nn.Sequential`` without points gets them from :func:`
 
 ``py:FILE.py`` is run from the bytes that were hashed, as a module of its own, with the file's
 folder on ``sys.path`` while it runs and while FACTORY builds (so it can import its neighbours).
+A configuration that records a ``sha256`` (a run being resumed) is checked against FILE before
+FILE runs (:func:`check_recorded`).
 """
 
 from __future__ import annotations
@@ -111,6 +113,22 @@ def _callable(module: types.ModuleType, attr: str, where: str) -> Callable[..., 
     if not callable(fn):
         raise OptionError(f"{where}: {attr!r} is a {type(fn).__name__}, not a function or class")
     return fn
+
+
+def check_recorded(name: Any, sha256: Any) -> None:
+    """Refuse ``py:FILE.py:FACTORY`` before FILE runs if its bytes no longer have the recorded ``sha256``."""
+    if not (isinstance(name, str) and name.startswith("py:") and isinstance(sha256, str) and sha256):
+        return
+    path = Path(name[3:].rpartition(":")[0]).expanduser().absolute()
+    try:
+        actual = hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return  # load_factory says what is wrong with the path
+    if actual != sha256:
+        raise OptionError(
+            f"the model file {path} changed since this configuration was made: its sha256 is {actual}, the "
+            f"configuration records {sha256}; restore the file or start a new run (the changed file was not run)"
+        )
 
 
 def load_factory(name: str) -> Optional[Factory]:

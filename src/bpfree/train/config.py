@@ -143,6 +143,9 @@ def resolve(base: dict[str, dict[str, Any]] | None = None, sets: list[str] | tup
     for key, value in later:
         _check_plain("", key, value)
     run = _build(RunOptions, raw["run"], what="the run")
+    from ..models.factory import check_recorded
+
+    check_recorded(run.model, raw["model"].get("sha256"))  # a changed model file is refused before it runs
     classes = section_classes(run)
     valid = {s: {f.name for f in dataclasses.fields(c)} for s, c in classes.items()}
     sibling_keys = {f.name for m in sibling_methods for f in dataclasses.fields(methods.get(m).Options)}
