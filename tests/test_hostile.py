@@ -17,6 +17,10 @@ the CLI exits with code 2 and one line ``bpfree: error: ...`` on stderr. Input c
 * CLI: random ``--set`` strings, bad flag values, bad ``--resume`` input (extra options, bad
   device, corrupt ``config.toml``, a changed configuration, a truncated checkpoint, a plain file)
   and a fresh ``train`` into an existing run: each fails and leaves the run directory as it was.
+* own data and models: random, truncated and oddly shaped ``npz:``, ``images:`` and ``text:`` files
+  (hypothesis) train or fail with one line and leave the cache without partial files; junk
+  dataset and model names; odd values of the new options (``size``, ``color``, ``test_fraction``,
+  ``level``, ``log``, a factory's options, a wrong ``sha256``).
 """
 
 from __future__ import annotations
@@ -442,3 +446,131 @@ def test_overwrite_replaces_a_run(tmp_path):
     assert run_cli("train", "--method", "bp", "--out", out, *COMMON)[0] == 0
     assert run_cli("train", "--method", "dfa", "--out", out, "--overwrite", *COMMON)[0] == 0
     assert json.loads((out / "summary.json").read_text())["method"] == "dfa"
+
+
+# --------------------------------------------------------------------------- own data and own models
+
+LOCAL = {  # kind -> the flags that train a small model on it
+    "npz": ["--model", "mlp", "--set", "widths=4", "--set", "test_fraction=0.25"],
+    "images": ["--model", "mlp", "--set", "widths=4"],
+    "text": ["--model", "transformer", "--set", "d_model=8", "--set", "heads=1", "--set", "depth=1",
+             "--set", "context=4"],
+}
+
+
+def _random_npz(rng, path):
+    import numpy as np
+
+    dtype = rng.choice(["float32", "float64", "uint8", "int64", "bool", "complex64", "U1"])
+    shape = tuple(int(s) for s in rng.integers(0, 5, rng.integers(1, 5)))
+    arrays = {"x": np.zeros(shape, dtype=dtype), "y": rng.integers(-1, 3, rng.integers(0, 6))}
+    for key in rng.choice(["x", "y", "x_test", "y_train"], rng.integers(0, 3), replace=False):
+        arrays.pop(key, None) if rng.random() < 0.5 else arrays.update({key: np.ones(3, dtype=dtype)})
+    np.savez(path, **arrays)
+
+
+def _local_files(kind, root, rng, raw: bytes, cut: int, shape) -> str:
+    """A dataset of ``kind`` in ``root`` that is valid, random, truncated or oddly shaped."""
+    import numpy as np
+    from PIL import Image
+
+    how = rng.choice(["valid", "random", "truncated", "odd"])
+    if kind == "npz":
+        path = root / "d.npz"
+        x = rng.normal(size=(12, 3)).astype(np.float32)
+        np.savez(path, x=x, y=np.arange(12) % 2)
+        if how == "random":
+            path.write_bytes(raw)
+        elif how == "truncated":
+            path.write_bytes(path.read_bytes()[:cut])
+        elif how == "odd":
+            _random_npz(rng, path)
+        return f"npz:{path}"
+    if kind == "images":
+        for c in ("a", "b"):
+            (root / "imgs" / c).mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(rng.integers(0, 256, (4, 4), dtype=np.uint8)).save(root / "imgs" / c / f"{i}.png")
+        bad = root / "imgs" / "b" / "x.png"
+        if how == "random":
+            bad.write_bytes(raw)
+        elif how == "truncated":
+            bad.write_bytes((root / "imgs" / "a" / "0.png").read_bytes()[:cut])
+        elif how == "odd":
+            Image.fromarray(np.zeros(shape, dtype=np.uint8)).save(bad)
+        return f"images:{root / 'imgs'}"
+    path = root / "c.txt"
+    text = " ".join(rng.choice(["ab", "c", "de"], 200)) + "\n"
+    path.write_bytes(raw if how == "random" else text.encode()[:cut] if how == "truncated"
+                     else "\u00e9\u00df \u2603 \u0000 \ufeff".encode() * int(rng.integers(0, 40)) if how == "odd"
+                     else text.encode())
+    return f"text:{path}"
+
+
+@HYPO
+@given(kind=st.sampled_from(list(LOCAL)), seed=st.integers(0, 2**16), raw=st.binary(max_size=200),
+       cut=st.integers(0, 300), shape=st.sampled_from([(4, 4), (5, 4), (1, 1), (4, 4, 3), (4, 4, 4)]))
+def test_hostile_local_files_train_or_fail_with_one_line_and_leave_the_cache_whole(tmp_path_factory, kind, seed,
+                                                                                   raw, cut, shape):
+    import numpy as np
+
+    root = tmp_path_factory.mktemp("local")
+    name = _local_files(kind, root, np.random.default_rng(seed), raw, cut, shape)
+    rc, _, err = run_cli("train", "--method", "dfa", "--dataset", name, *LOCAL[kind], "--epochs", "1",
+                         "--batch-size", "4", "--no-progress", "--data-dir", root / "cache", "--out", root / "run")
+    if rc != 0:
+        assert_one_line_error(rc, err)
+    cached = list((root / "cache").rglob("*"))
+    assert not [p for p in cached if p.name.startswith(".")], cached  # no temporary file left behind
+    for p in cached:
+        if p.is_file():
+            assert isinstance(torch.load(p, weights_only=True), dict)  # a cache file is whole
+
+
+@HYPO
+@given(prefix=st.sampled_from(["npz:", "images:", "text:", "py:", "csv:", ":", "npz::", "py::"]),
+       junk=JUNK, suffix=st.sampled_from(["", ".npz", ".py:build", ":build", ":", "/x.py:f"]))
+def test_junk_dataset_and_model_names_get_one_line_errors(tmp_path_factory, prefix, junk, suffix):
+    out = tmp_path_factory.getbasetemp() / f"local-junk-{next(counter)}"
+    for flag in ("--dataset", "--model"):
+        rc, _, err = run_cli("train", flag, prefix + junk + suffix, "--no-progress", "--out", out)
+        assert_one_line_error(rc, err)
+        assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def local_sets(tmp_path_factory):
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("local-sets")
+    np.savez(root / "d.npz", x=np.zeros((8, 3), np.float32), y=np.arange(8) % 2)
+    for c in ("a", "b"):
+        (root / "imgs" / c).mkdir(parents=True)
+        Image.fromarray(np.zeros((4, 4), np.uint8)).save(root / "imgs" / c / "0.png")
+    (root / "c.txt").write_text("a b c\n" * 50)
+    (root / "net.py").write_text("from torch import nn\n\ndef build(shape, n, width: int = 4, act='tanh'):\n"
+                                 "    return nn.Sequential(nn.Flatten(), nn.Linear(shape[-1], width), nn.Tanh(),"
+                                 " nn.Linear(width, n))\n")
+    return {"npz": f"npz:{root / 'd.npz'}", "images": f"images:{root / 'imgs'}", "text": f"text:{root / 'c.txt'}",
+            "model": f"py:{root / 'net.py'}:build"}
+
+
+LOCAL_ODD = [
+    ("images", "size", ["0", "-1", "1,2,3", "x", "4,0"]), ("images", "color", ["blue", ""]),
+    ("images", "test_fraction", ["1", "-0.1", "nan", "inf", "x"]), ("npz", "test_fraction", ["1", "-1", "nan"]),
+    ("npz", "split_seed", ["-1", str(2**70), "x"]), ("npz", "classes", ["-1", "x", "1.5"]),
+    ("npz", "normalize", ["maybe"]), ("text", "level", ["byte", ""]), ("text", "min_count", ["0", "-2"]),
+    ("text", "context", ["0", "x"]), ("npz", "sha256", ["0" * 64, "x"]), ("npz", "log", ["", "csv", "jsonl,x"]),
+    ("model", "width", ["x", "1.5", ""]), ("model", "sha256", ["0" * 64]),
+]
+
+
+@pytest.mark.parametrize("kind,key,value", [(k, key, v) for k, key, vs in LOCAL_ODD for v in vs])
+def test_odd_values_of_the_new_options_get_one_line_errors(local_sets, tmp_path, kind, key, value):
+    flags = ["--model", local_sets["model"], "--dataset", local_sets["npz"], "--set", "test_fraction=0.5"] \
+        if kind == "model" else ["--dataset", local_sets[kind]]
+    rc, _, err = run_cli("train", *flags, "--no-progress", f"--set={kind if kind == 'model' else ''}"
+                         f"{'.' if kind == 'model' else ''}{key}={value}", "--out", tmp_path / "run")
+    assert_one_line_error(rc, err, key if key != "sha256" else "changed since")
+    assert not (tmp_path / "run").exists()

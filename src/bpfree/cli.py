@@ -64,9 +64,19 @@ def _config(args, method: str | None, siblings: tuple[str, ...] = ()):
     return resolve(base, args.set, over, sibling_methods=siblings)
 
 
+def _label(name: str) -> str:
+    """A model or dataset name as part of a folder name: ``npz:data/x.npz`` -> ``npz-x``."""
+    import re
+
+    kind, sep, rest = name.partition(":")
+    if sep:  # npz:PATH, py:FILE.py:FACTORY, module:FACTORY
+        name = f"{kind}-{'-'.join(Path(part).stem for part in rest.split(':') if part)}"
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "run"
+
+
 def _default_out(cfg) -> Path:
     r = cfg.run
-    return Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{r.method}-{r.model}-{r.dataset}"
+    return Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{r.method}-{_label(r.model)}-{_label(r.dataset)}"
 
 
 _RESUME_ALLOWED = {"resume", "data_dir", "no_progress", "device", "nproc", "command", "func", "argv",
@@ -235,7 +245,7 @@ def cmd_compare(args) -> int:
     r = cfgs[0].run
     with distributed.from_environment(r.device) as workers:
         out = workers.broadcast(
-            args.out or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-compare-{r.model}-{r.dataset}")
+            args.out or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-compare-{_label(r.model)}-{_label(r.dataset)}")
         summaries = []
         for cfg in cfgs:
             summaries.append(train(cfg, Path(out) / cfg.run.method, data_dir=args.data_dir,
@@ -290,12 +300,20 @@ def cmd_list(args) -> int:
             print(f"  {name}: {spec.summary}")
             for key, default, text in describe(spec.options):
                 print(f"      {key} = {default!r}: {text}")
+        print("  py:FILE.py:FACTORY or module.path:FACTORY: your own model, FACTORY(input_shape, n_outputs, "
+              "**options); its keyword parameters are the options")
     if what in ("all", "datasets"):
         print("Datasets (--dataset NAME):")
         for name in tasks.available():
             spec = tasks.get(name)
             print(f"  {name}: {spec.summary}")
             for key, default, text in describe(spec.options):
+                print(f"      {key} = {default!r}: {text}")
+        from .tasks.local import FAMILIES
+
+        for kind, (options, _, summary) in FAMILIES.items():
+            print(f"  {kind}:{'FOLDER' if kind == 'images' else 'FILE'}: {summary}")
+            for key, default, text in describe(options):
                 print(f"      {key} = {default!r}: {text}")
     if what in ("all", "run"):
         print("Run options:")
@@ -452,7 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = esub.add_parser("list", help="experiments with their kind, questions and runs per scale")
     e.set_defaults(func=cmd_experiment_list)
     e = esub.add_parser("run", help="run an experiment (finished runs are kept, interrupted ones resumed)")
-    e.add_argument("name", help="experiment name (bpfree experiment list)")
+    e.add_argument("name", help="experiment name (bpfree experiment list), or the path of an experiment file (.toml)")
     e.add_argument("--scale", choices=("quick", "full"), default="quick", help="scale (default quick)")
     e.add_argument("--seeds", type=int, help="seeds per run (default: the scale's)")
     e.add_argument("--out", type=Path, default=Path("results"), help="results root (default results/)")

@@ -127,7 +127,10 @@ def discover(directory: Path | None = None) -> dict[str, Path]:
 
 
 def find(name: str, directory: Path | None = None) -> Spec:
-    """The experiment ``name``; an unknown name is an error listing the available ones."""
+    """The experiment ``name`` (or the experiment file ``name``, a path ending in ``.toml``); an
+    unknown name is an error listing the available ones."""
+    if name.endswith(".toml") and Path(name).is_file():
+        return load_spec(name)
     directory = Path(directory) if directory is not None else experiments_dir()
     found = discover(directory)
     if name not in found:

@@ -50,6 +50,9 @@ class RunOptions:
     probe_size: int = option(256, "samples in the diagnostics probe batch")
     amp: str = option("none", "mixed precision: bf16 or fp16 autocast around each step (fp16 adds gradient scaling)",
                       choices=("none", "bf16", "fp16"))
+    log: tuple[str, ...] = option(("jsonl",), "where metrics go: metrics.jsonl always (the source of truth); "
+                                              "tensorboard also writes them as TensorBoard scalars in RUN/tensorboard",
+                                  choices=("jsonl", "tensorboard"))
 
     def check(self) -> None:
         for key in ("epochs", "batch_size", "eval_batch_size", "log_every", "probe_size"):
@@ -69,6 +72,12 @@ class RunOptions:
         for key in ("method", "model", "dataset"):
             if not getattr(self, key).strip():
                 raise OptionError(f"option {key!r} must name a {key}, got an empty string")
+        if not self.log:
+            raise OptionError("option 'log' names no log; give jsonl, tensorboard or jsonl,tensorboard")
+        if "tensorboard" in self.log:
+            from .board import require_tensorboard
+
+            require_tensorboard()
 
 
 @dataclass
@@ -134,6 +143,9 @@ def resolve(base: dict[str, dict[str, Any]] | None = None, sets: list[str] | tup
     for key, value in later:
         _check_plain("", key, value)
     run = _build(RunOptions, raw["run"], what="the run")
+    from ..models.factory import check_recorded
+
+    check_recorded(run.model, raw["model"].get("sha256"))  # a changed model file is refused before it runs
     classes = section_classes(run)
     valid = {s: {f.name for f in dataclasses.fields(c)} for s, c in classes.items()}
     sibling_keys = {f.name for m in sibling_methods for f in dataclasses.fields(methods.get(m).Options)}

@@ -82,6 +82,7 @@ class Run:
         self._grads_checked = False
         self._state_warned = False
         self._metrics: Any = rundir.NoLog()
+        self._board: Any = None  # TensorBoard scalars of every metrics line (run option log)
 
     def _join_workers(self) -> None:
         """Data parallel: every rank gets a sample of the last batch and starts from rank 0's weights."""
@@ -114,6 +115,8 @@ class Run:
 
         def write() -> None:
             self._metrics.flush()
+            if self._board is not None:
+                self._board.flush()
             self.state["metrics_bytes"] = self._metrics.tell()
             rundir.write_checkpoint(self.checkpoint_path, {
                 "config": self.cfg.to_dict(), "state": dict(self.state), "model": self.model.state_dict(),
@@ -140,6 +143,8 @@ class Run:
 
     def log(self, record: dict[str, Any]) -> None:
         self._metrics.write(json.dumps(record) + "\n")
+        if self._board is not None:
+            self._board.add(record)
 
     def write_summary(self) -> dict[str, Any]:
         r = self.cfg.run
@@ -177,10 +182,17 @@ class Run:
             self.load_checkpoint()
         self._metrics = open(self.out / "metrics.jsonl", "a") if W.is_root else rundir.NoLog()
         try:
+            if "tensorboard" in self.cfg.run.log and W.is_root:
+                from .board import FOLDER, Board
+
+                self._board = Board(self.out / FOLDER, self.state["global_step"] if resume else None)
             return self._fit()
         finally:
             self._metrics.close()
             self._metrics = rundir.NoLog()
+            if self._board is not None:
+                self._board.close()
+                self._board = None
 
     def _fit(self) -> dict[str, Any]:
         r, task, st, W = self.cfg.run, self.task, self.state, self.workers
