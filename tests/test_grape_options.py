@@ -250,3 +250,52 @@ def test_preset_grape2025_restores_every_original_default_and_explicit_options_w
     assert bpfree.methods.create("grape", mlp()).options == GrAPE.Options()
     with pytest.raises(OptionError, match="option 'preset' cannot be 'x'"):
         bpfree.methods.create("grape", mlp(), preset="x")
+
+
+def test_spatial_tangents_span_the_low_frequencies_and_the_estimate_targets_jbar_times_the_projector():
+    # d = D_H^T z D_W with orthonormal DCT rows D: d lies in the span of the modes x modes lowest
+    # frequencies, and E[d d^T] = P = (D_H^T D_H) kron (D_W^T D_W) per channel, so for a linear map
+    # y = W vec(h) the estimate mean u d^T has expectation W P.
+    from bpfree.feedback.estimators import dct_basis, sample_jacobians, spatial_tangents
+
+    D = dct_basis(3, 6, "cpu", torch.float64)
+    torch.testing.assert_close(D @ D.t(), torch.eye(3, dtype=torch.float64))
+    torch.testing.assert_close(D[1], torch.cos(torch.pi * (torch.arange(6) + 0.5) / 6).double() * (2 / 6) ** 0.5)
+    draw = spatial_tangents(3)
+    d = draw((5, 2, 6, 6), torch.Generator().manual_seed(0), torch.device("cpu"), torch.float64)
+    P = D.t() @ D
+    torch.testing.assert_close(P @ d @ P, d)  # in the span
+    assert draw((5, 7), torch.Generator().manual_seed(0), "cpu", torch.float32).shape == (5, 7)  # flat: N(0, I)
+
+    class Linear(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.point = bpfree.FeedbackPoint()
+            self.W = torch.randn(3, 36, generator=torch.Generator().manual_seed(1))
+
+        def forward(self, x):
+            return self.point(x).reshape(x.shape[0], -1) @ self.W.t()
+
+    model = Linear()
+    g = torch.Generator().manual_seed(2)
+    x = torch.zeros(500, 1, 6, 6)
+    est = sum(sample_jacobians(model, x, {id(model.point): "p"}, g, draw=draw)["p"] for _ in range(20)) / 20
+    target = model.W @ torch.kron(P, P).float()
+    assert float(frobenius_cos(est, target)) > 0.99
+    assert float(frobenius_cos(target, model.W)) < 0.6  # the projection is not the identity here
+    est_full = sample_jacobians(model, x, {id(model.point): "p"}, g)["p"]
+    assert float(frobenius_cos(est_full, model.W)) > 0.8  # modes = 0: plain tangents target W itself
+
+
+def test_spatial_modes_reach_every_estimator():
+    model = bpfree.models.create("cnn", (1, 8, 8), 3, channels=(2, 3), hidden=4)
+    x, y = torch.randn(6, 1, 8, 8), torch.randint(0, 3, (6,))
+    for options in ({}, {"tangents": "forward"}, {"estimator": "train-pass"}, {"points": "each"}):
+        g = bpfree.methods.create("grape", model, spatial_modes=2, eta=0.0, **options)
+        g.step(x, y, F.cross_entropy)
+        J = g.state.jacobian.mean["conv1_point"].reshape(3, 2, 4, 4)
+        P = torch.kron(*(2 * [bpfree.feedback.estimators.dct_basis(2, 4, "cpu", torch.float32)]))
+        P = P.t() @ P
+        torch.testing.assert_close(J.reshape(6, 16) @ P, J.reshape(6, 16), atol=1e-5, rtol=1e-4)  # in the span
+    with pytest.raises(OptionError, match="spatial_modes"):
+        bpfree.methods.create("grape", model, spatial_modes=2, perturb="weight")

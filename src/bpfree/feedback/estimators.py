@@ -12,7 +12,9 @@ the cross-token terms ``dy_t/dh_s`` (s < t) enter only as zero-mean noise.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import functools
+import math
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -20,6 +22,50 @@ from torch import nn
 
 from ..points import FeedbackPoint, Head, handled
 from .matrices import flat_features, lead_dims
+
+
+#: ``draw(shape, generator, device, dtype)``: one tangent per sample, shaped like ``h_l``.
+TangentDraw = Callable[[tuple[int, ...], torch.Generator, torch.device, torch.dtype], torch.Tensor]
+
+
+def gaussian_tangents(shape: tuple[int, ...], generator: torch.Generator, device, dtype) -> torch.Tensor:
+    """``d ~ N(0, I)``: the default tangent, ``E[d d^T] = I``."""
+    return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def dct_basis(q: int, n: int, device: str, dtype: torch.dtype) -> torch.Tensor:
+    """The ``q`` lowest-frequency rows of the orthonormal DCT-II of length ``n``: ``(q, n)``,
+    ``D[f, t] = c_f cos(pi (t + 1/2) f / n)`` with ``c_0 = sqrt(1/n)``, ``c_f = sqrt(2/n)``."""
+    f = torch.arange(q, dtype=torch.float64)[:, None]
+    t = torch.arange(n, dtype=torch.float64)[None, :]
+    D = torch.cos(math.pi * (t + 0.5) * f / n) * math.sqrt(2.0 / n)
+    D[0] /= math.sqrt(2.0)
+    return D.to(device=device, dtype=dtype)
+
+
+def spatial_tangents(modes: int) -> TangentDraw:
+    """Tangents in the span of the ``modes x modes`` lowest spatial frequencies at image points.
+
+    At a point of shape ``(batch, C, H, W)``: ``d = D_H^T z D_W`` per sample and channel with
+    ``z ~ N(0, I)`` of shape ``(batch, C, q_H, q_W)``, ``q = min(modes, size)`` and ``D`` from
+    :func:`dct_basis`, so ``E[d d^T] = P``, the orthogonal projector on those frequencies (per
+    channel). Then ``E[u d^T] = Jbar P``: the estimate targets ``Jbar``'s low-frequency part, with
+    the noise of ``C q_H q_W`` dimensions instead of ``C H W``. Other points get ``N(0, I)``;
+    ``modes = 0`` means every frequency (plain Gaussian tangents everywhere).
+    """
+    if modes <= 0:
+        return gaussian_tangents
+
+    def draw(shape, generator, device, dtype):
+        if len(shape) != 4 or (shape[2] <= modes and shape[3] <= modes):
+            return gaussian_tangents(shape, generator, device, dtype)
+        b, c, H, W = shape
+        Dh = dct_basis(min(modes, H), H, str(device), dtype)
+        Dw = dct_basis(min(modes, W), W, str(device), dtype)
+        z = torch.randn((b, c, Dh.shape[0], Dw.shape[0]), generator=generator, device=device, dtype=dtype)
+        return torch.matmul(torch.matmul(Dh.t(), z), Dw)  # (b, c, H, W)
+    return draw
 
 
 @contextlib.contextmanager
@@ -88,6 +134,7 @@ def sample_jacobians(
     generator: torch.Generator,
     only: str | None = None,
     points: list[FeedbackPoint] | None = None,
+    draw: TangentDraw = gaussian_tangents,
 ) -> dict[str, torch.Tensor]:
     """One forward-mode estimate ``J~_l`` of shape ``(o, n_l)`` for every point (or only ``only``).
 
@@ -104,7 +151,7 @@ def sample_jacobians(
         name = names[id(point)]
         if only is not None and name != only:
             return h
-        d = torch.randn(h.shape, generator=generator, device=h.device, dtype=h.dtype)
+        d = draw(tuple(h.shape), generator, h.device, h.dtype)
         tangents[name] = d
         primal, tangent = fwAD.unpack_dual(h)
         return fwAD.make_dual(primal, d if tangent is None else tangent + d)
@@ -251,7 +298,7 @@ def per_sample_forward(model: nn.Module) -> bool:
 
 def _perturbed_pass(model: nn.Module, x: torch.Tensor, names: dict[int, str], generator: torch.Generator,
                     signs: tuple[float, ...], points: list[FeedbackPoint] | None = None,
-                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                    draw: TangentDraw = gaussian_tangents) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One primal pass over ``len(signs)`` stacked copies of ``x`` (``(k, ...)``); copy ``j`` gets
     ``signs[j] * d_l`` added at every point, ``d_l ~ N(0, I)`` of shape ``(k, ...)``.
 
@@ -264,7 +311,7 @@ def _perturbed_pass(model: nn.Module, x: torch.Tensor, names: dict[int, str], ge
     def perturb(point: FeedbackPoint, h: torch.Tensor) -> torch.Tensor:
         if isinstance(point, Head):
             raise _HeadReached(h)
-        d = torch.randn((k,) + tuple(h.shape[1:]), generator=generator, device=h.device, dtype=h.dtype)
+        d = draw((k,) + tuple(h.shape[1:]), generator, h.device, h.dtype)
         tangents[names[id(point)]] = d
         if len(signs) == 1:
             return torch.add(h, d, alpha=signs[0])
@@ -287,6 +334,7 @@ def central_difference_jacobians(
     generator: torch.Generator,
     step: float = 1e-2,
     points: list[FeedbackPoint] | None = None,
+    draw: TangentDraw = gaussian_tangents,
 ) -> dict[str, torch.Tensor]:
     """The activity-perturbation estimate with ``u`` from one fused primal pass, no forward AD.
 
@@ -298,7 +346,7 @@ def central_difference_jacobians(
     products (PyTorch's forward-mode ``addmm`` also multiplies the weights' zero tangents).
     """
     k = x.shape[0]
-    y, tangents = _perturbed_pass(model, x, names, generator, (step, -step), points)
+    y, tangents = _perturbed_pass(model, x, names, generator, (step, -step), points, draw)
     u = (y[:k] - y[k:]) / (2 * step)
     return {name: outer_mean(u, d) for name, d in tangents.items()}
 
@@ -311,6 +359,7 @@ def onesided_difference_jacobians(
     reference: torch.Tensor,
     step: float = 1e-2,
     points: list[FeedbackPoint] | None = None,
+    draw: TangentDraw = gaussian_tangents,
 ) -> dict[str, torch.Tensor]:
     """The activity-perturbation estimate from one primal pass over ``x`` alone, against ``reference``.
 
@@ -322,6 +371,6 @@ def onesided_difference_jacobians(
     the rows. Valid only when each sample's output depends on that sample alone and
     deterministically (:func:`per_sample_forward`), or the reference does not match the pass.
     """
-    y, tangents = _perturbed_pass(model, x, names, generator, (step,), points)
+    y, tangents = _perturbed_pass(model, x, names, generator, (step,), points, draw)
     u = (y - reference.float()) / step
     return {name: outer_mean(u, d) for name, d in tangents.items()}

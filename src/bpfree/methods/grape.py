@@ -16,6 +16,7 @@ from ..feedback.estimators import (
     outer_mean,
     per_sample_forward,
     sample_jacobians,
+    spatial_tangents,
     weight_perturbation_jacobians,
 )
 from ..feedback.rules import RENORMS, RULES, update_feedback
@@ -82,12 +83,19 @@ class GrAPE(DirectFeedback):
                                choices=("auto", "forward", "central", "onesided"))
         fd_step: float = option(1e-2, "perturbation size of the difference schemes (tangents=central/onesided)")
         perturb: str = option("activity", "perturb activities at the points, or the weights of each block (one pass per block)", choices=("activity", "weight"))
+        spatial_modes: int = option(0, "activity tangents at image points (batch, C, H, W) drawn in the span of the "
+                                    "modes x modes lowest spatial frequencies (DCT) per channel: the estimate targets the "
+                                    "low-frequency part of Jbar with far fewer noisy dimensions (0: all frequencies)")
         preset: str = option("published", "a named set of defaults for the options not given: published (these defaults) "
                              "or grape2025 (the original rule=rescale, eta=1e-3, cumulative average, 64 samples every 4 steps)",
                              choices=tuple(PRESETS))
 
         def check(self) -> None:
             super().check()
+            if self.spatial_modes < 0:
+                raise OptionError(f"option 'spatial_modes' must be non-negative, got {self.spatial_modes}")
+            if self.spatial_modes and self.perturb != "activity":
+                raise OptionError("option 'spatial_modes' shapes activity tangents; use it with perturb=activity")
             if self.samples < 1:
                 raise OptionError(f"option 'samples' must be at least 1, got {self.samples}")
             if self.every < 1:
@@ -154,9 +162,10 @@ class GrAPE(DirectFeedback):
                     self._blocks = block_parameters(model, x[:k], names)
                 return weight_perturbation_jacobians(model, x[:k], names, self._blocks, g)
             return Estimator(weight)
+        tangent = spatial_tangents(o.spatial_modes)
         if o.estimator == "train-pass":
             def draw(h: torch.Tensor) -> torch.Tensor:
-                return torch.randn(h.shape, generator=g, device=h.device, dtype=h.dtype)
+                return tangent(tuple(h.shape), g, h.device, h.dtype)
 
             def carried(x: torch.Tensor, record: CutPass) -> dict[str, torch.Tensor]:
                 u = record.output_tangent
@@ -164,16 +173,18 @@ class GrAPE(DirectFeedback):
             return Estimator(carried, draw)
         scheme = self.tangent_scheme(device)
         if scheme == "central":
-            return Estimator(lambda x, record: central_difference_jacobians(model, x[:k], names, g, o.fd_step, markers))
+            return Estimator(lambda x, record: central_difference_jacobians(model, x[:k], names, g, o.fd_step, markers,
+                                                                            tangent))
         if scheme == "onesided":
             if torch.is_autocast_enabled(device.type):
                 raise RuntimeError("tangents=onesided compares float32 outputs; under autocast (amp) use "
                                    "tangents=central or forward")
             return Estimator(lambda x, record: onesided_difference_jacobians(
-                model, x[:k], names, g, record.error_at[:k].detach(), o.fd_step, markers))
+                model, x[:k], names, g, record.error_at[:k].detach(), o.fd_step, markers, tangent))
         if o.points == "joint":
-            return Estimator(lambda x, record: sample_jacobians(model, x[:k], names, g, points=markers))
-        return Estimator(lambda x, record: {name: sample_jacobians(model, x[:k], names, g, only=name, points=markers)[name]
+            return Estimator(lambda x, record: sample_jacobians(model, x[:k], names, g, points=markers, draw=tangent))
+        return Estimator(lambda x, record: {name: sample_jacobians(model, x[:k], names, g, only=name, points=markers,
+                                                                   draw=tangent)[name]
                                             for name, _ in self.points})
 
     def before_delivery(self, record: CutPass, x: torch.Tensor) -> None:
