@@ -86,6 +86,9 @@ class GrAPE(DirectFeedback):
         spatial_modes: int = option(0, "activity tangents at image points (batch, C, H, W) drawn in the span of the "
                                     "modes x modes lowest spatial frequencies (DCT) per channel: the estimate targets the "
                                     "low-frequency part of Jbar with far fewer noisy dimensions (0: all frequencies)")
+        align: str = option("all", "which points' B_l follow the estimate: all, or flat (points of shape (batch, n) or "
+                            "(batch, T, d); image points (batch, C, H, W) keep their random B_l, as in DFA)",
+                            choices=("all", "flat"))
         preset: str = option("published", "a named set of defaults for the options not given: published (these defaults) "
                              "or grape2025 (the original rule=rescale, eta=1e-3, cumulative average, 64 samples every 4 steps)",
                              choices=tuple(PRESETS))
@@ -190,7 +193,10 @@ class GrAPE(DirectFeedback):
     def before_delivery(self, record: CutPass, x: torch.Tensor) -> None:
         """On update steps: ``J~_l`` from the step's estimator, then :meth:`align`."""
         if record.estimator is not None:
-            self.align(record.estimator.estimate(x, record))
+            estimates = record.estimator.estimate(x, record)
+            if self.options.align == "flat":
+                estimates = {k: v for k, v in estimates.items() if len(record.shapes[k]) < 4}
+            self.align(estimates)
 
     def align(self, estimates: dict[str, torch.Tensor]) -> None:
         """Fold ``estimates`` (averaged over data-parallel workers) into ``Jbar``; move every ``B_l``."""
