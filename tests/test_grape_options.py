@@ -299,3 +299,16 @@ def test_spatial_modes_reach_every_estimator():
         torch.testing.assert_close(J.reshape(6, 16) @ P, J.reshape(6, 16), atol=1e-5, rtol=1e-4)  # in the span
     with pytest.raises(OptionError, match="spatial_modes"):
         bpfree.methods.create("grape", model, spatial_modes=2, perturb="weight")
+
+
+def test_align_flat_leaves_image_points_random_and_moves_the_flat_ones():
+    model = bpfree.models.create("cnn", (1, 8, 8), 3, channels=(2, 3), hidden=4)
+    x, y = torch.randn(6, 1, 8, 8), torch.randint(0, 3, (6,))
+    g = bpfree.methods.create("grape", model, align="flat", eta=0.5)
+    dfa = bpfree.methods.create("dfa", model)  # same seed: the same initial B_l
+    for m in (g, dfa):
+        m.step(x, y, F.cross_entropy)
+    for name in ("conv1_point", "conv2_point"):
+        assert torch.equal(g.state.feedback[name], dfa.state.feedback[name])
+    assert not torch.allclose(g.state.feedback["fc1_point"], dfa.state.feedback["fc1_point"])
+    assert set(g.state.jacobian.mean) == {"fc1_point"}
