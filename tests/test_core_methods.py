@@ -207,7 +207,7 @@ def test_errors_name_the_problem(blobs):
         bpfree.methods.create("nope", model)
     with pytest.raises(OptionError, match="unknown option for method 'grape': etaa; valid options: .*eta"):
         bpfree.methods.create("grape", model, etaa=1)
-    with pytest.raises(OptionError, match="option 'rule' cannot be 'magic'; choose one of: rescale"):
+    with pytest.raises(OptionError, match="option 'rule' cannot be 'magic'; choose one of: cosine, rescale"):
         bpfree.methods.create("grape", model, rule="magic")
     with pytest.raises(OptionError, match="option 'eta' takes a number"):
         bpfree.methods.create("grape", model, eta="fast")

@@ -63,8 +63,10 @@ class GrAPE(DirectFeedback):
 
     @dataclass
     class Options(DirectFeedback.Options):
-        rule: str = option("rescale", "feedback update rule", choices=tuple(RULES))
-        eta: float = option(1e-3, "feedback learning rate eta_B")
+        rule: str = option("cosine", "feedback update rule (cosine: the published GrAPE's; rescale: the original's)",
+                           choices=("cosine",) + tuple(r for r in RULES if r != "cosine"))
+        eta: float = option(0.5, "feedback learning rate eta_B (for cosine: roughly the angle each row turns per update, "
+                                 "in radians times sin of its angle to the estimate; rows have norm ~1)")
         noise: float | None = option(None, "Gaussian noise added to B per update, relative to rms(B_0); default: the rule's (rescale 1e-3, others 0)")
         renorm: str = option("auto", "renormalisation after the update; auto: the rule's (rescale/alt1/alt2 frobenius, cosine rows, regress none)", choices=("auto",) + RENORMS)
         samples: int = option(64, "inputs per estimate that carry tangents (the sub-batch: the first samples of the batch, all of a smaller batch)")
