@@ -471,7 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_experiment_list)
     e = esub.add_parser("run", help="run an experiment (finished runs are kept, interrupted ones resumed)")
     e.add_argument("name", help="experiment name (bpfree experiment list), or the path of an experiment file (.toml)")
-    e.add_argument("--scale", choices=("quick", "full"), default="quick", help="scale (default quick)")
+    e.add_argument("--scale", choices=("quick", "medium", "full"), default="quick", help="scale (default quick)")
     e.add_argument("--seeds", type=int, help="seeds per run (default: the scale's)")
     e.add_argument("--out", type=Path, default=Path("results"), help="results root (default results/)")
     e.add_argument("--dry-run", action="store_true", help="list the runs and which are done; train nothing")
@@ -485,7 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Re-renders results/NAME/SCALE/table.md and its figures from its results.json "
                                     "alone, with the experiment file's current published numbers.")
     e.add_argument("names", nargs="*", help="experiments (default: every one with results)")
-    e.add_argument("--scale", choices=("quick", "full"), help="scale (default: every scale with results)")
+    e.add_argument("--scale", choices=("quick", "medium", "full"), help="scale (default: every scale with results)")
     e.add_argument("--out", type=Path, default=Path("results"), help="results root (default results/)")
     e.set_defaults(func=cmd_experiment_render)
     e = esub.add_parser("docs", help="write docs/results.md from the results folders")

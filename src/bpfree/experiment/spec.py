@@ -55,7 +55,7 @@ from . import published as pub
 from .published import Entry
 
 KINDS = ("train", "toy", "estimate", "bench")
-SCALES = ("quick", "full")
+SCALES = ("quick", "medium", "full")
 TOP_KEYS = ("title", "kind", "questions", "description", "published", "published_compare", "base", "scales",
             "variants", "grid", "toy", "estimate", "bench")
 SCALE_KEYS = ("seeds", "assumed", "grid")
