@@ -277,7 +277,7 @@ class Run:
         reduced = self.workers.sum_dict({**sums, " loss": loss.detach()})
         tensors = {k: v for k, v in metrics.items() if isinstance(v, torch.Tensor)}
         keys = list(reduced) + [f" metric {k}" for k in tensors]
-        stacked = [v.detach().reshape(()).to(self.device, torch.float64)
+        stacked = [(v if v.device == self.device else v.to(self.device)).detach().reshape(()).to(torch.float64)
                    for v in list(reduced.values()) + list(tensors.values())]
         values = dict(zip(keys, torch.stack(stacked).tolist()))
         loss_value = values.pop(" loss")
