@@ -380,3 +380,39 @@ def test_bench_reports_reserved_memory_on_cuda_only():
     assert "| bp | 1.00 | 1.00–1.00 | 1.000 | 3.0 | 4.0 |" in bench.table(rows, cfg, 1)
     rows[0]["peak_reserved_mb"] = None
     assert "reserved" not in bench.table(rows, cfg, 1)
+
+
+@pytest.mark.parametrize("opts", [{}, {"estimator": "train-pass"}, {"perturb": "weight"}, {"tangents": "central"}])
+def test_grape_on_batchnorm_nets_under_bf16_autocast(opts):
+    # Forward-mode batch_norm returns a float32 tangent for a bfloat16 primal; without matching
+    # dtypes the next bfloat16 layer fails ("expected m1 and m2 to have the same dtype").
+    torch.manual_seed(0)
+    net = models.create("cnn", (3, 16, 16), 5, channels=(4, 8), hidden=16)
+    m = methods.create("grape", net, every=1, **opts)
+    x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 5, (8,))
+    for _ in range(2):
+        net.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            m.step(x, y, F.cross_entropy)
+    for name, J in m.state.jacobian.mean.items():
+        assert J.dtype == torch.float32 and torch.isfinite(J).all() and J.abs().sum() > 0, name
+    assert all(B.dtype == torch.float32 and torch.isfinite(B).all() for B in m.state.feedback.values())
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())
+
+
+def test_matched_tangents_leaves_float32_passes_bit_identical():
+    # Without autocast primal and tangent agree, so the hook changes nothing: same estimate, same B.
+    from bpfree.feedback import estimators
+
+    torch.manual_seed(0)
+    net = models.create("cnn", (3, 16, 16), 5, channels=(4, 8), hidden=16)
+    names = {id(p): n for n, p in __import__("bpfree").points.feedback_points(net)}
+    x = torch.randn(6, 3, 16, 16)
+    a = estimators.sample_jacobians(net, x, names, torch.Generator().manual_seed(3))
+    real = estimators.matched_tangents
+    try:
+        estimators.matched_tangents = lambda model: __import__("contextlib").nullcontext()
+        b = estimators.sample_jacobians(net, x, names, torch.Generator().manual_seed(3))
+    finally:
+        estimators.matched_tangents = real
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
