@@ -416,3 +416,27 @@ def test_matched_tangents_leaves_float32_passes_bit_identical():
     finally:
         estimators.matched_tangents = real
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow  # compilation takes 5-30 s
+def test_compiled_transformer_blocks_give_the_eager_gradients_under_dfa():
+    # torch.compile of each block must not change what a DFA step computes (same B_l, same batch).
+    import copy
+
+    torch.manual_seed(0)
+    base = models.create("transformer", (16,), 50, d_model=32, heads=2, depth=2, dropout=0.0)
+    x, y = torch.randint(0, 50, (8, 16)), torch.randint(0, 50, (8, 16))
+    loss_fn = lambda o, t: F.cross_entropy(o.reshape(-1, o.shape[-1]), t.reshape(-1))
+    grads = []
+    for compiled in (False, True):
+        net = copy.deepcopy(base)
+        if compiled:
+            for i, blk in enumerate(net.blocks):
+                net.blocks[i] = torch.compile(blk)
+        m = methods.create("dfa", net)
+        for _ in range(2):  # the second step runs with the links made from B_l
+            net.zero_grad()
+            m.step(x, y, loss_fn)
+        grads.append([p.grad.clone() for p in net.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
