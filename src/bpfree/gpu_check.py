@@ -205,13 +205,12 @@ def step_parity(device: torch.device, method: str, model: str, quick: bool = Tru
     ref.step(x, y, task.loss_fn)  # makes B_l (and moves BatchNorm statistics)
     net_dev = copy.deepcopy(net).to(device)
     dev = methods.create(method, net_dev, **opts)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # a CPU generator state reseeds on CUDA (tangents only: B_l is fixed)
-        dev.load_state_dict(ref.state_dict())
+    dev.load_state_dict(ref.state_dict())
     x2, y2 = task.train_batch(0, 0, 1, batch)
     net.zero_grad(set_to_none=True)
     ref.step(x2, y2, task.loss_fn)
-    with backends.applied(resolve({}, ["tf32=false"]).run, device):
+    with backends.applied(resolve({}, ["tf32=false"]).run, device), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a CPU generator state reseeds on CUDA (tangents only: B_l is fixed)
         dev.step(x2.to(device), y2.to(device), task.loss_fn)
     worst = 0.0
     for (name, p), q in zip(net.named_parameters(), net_dev.parameters()):
@@ -309,7 +308,8 @@ def _ddp_worker(root: str, device: str, quick: bool) -> None:
     cfg = config("mlp", "grape", torch.device(device), quick, 8, **{"dist_timeout": 120.0})
     run = Run(cfg, Path(root) / "ddp", progress=False, overwrite=True)
     run.fit()
-    probe = torch.randn(8, generator=run.method.tangent_generator(run.device)).cpu()
+    g = run.method.tangent_generator(run.device)
+    probe = torch.randn(8, generator=g, device=g.device).cpu()
     torch.save({"model": {k: v.cpu() for k, v in run.model.state_dict().items()},
                 "feedback": {k: v.cpu() for k, v in run.method.state.feedback.items()}, "tangents": probe},
                Path(root) / f"rank{W.rank}.pt")
