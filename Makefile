@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 BPFREE := $(VENV)/bin/bpfree
 STAMP  := $(VENV)/.installed
 
-.PHONY: install data demo test test-slow test-all clean
+.PHONY: install data demo test test-slow test-gpu test-all gpu-check clean
 
 # The virtual environment with the pinned CPU torch and the project (editable) with its test extras.
 $(STAMP): pyproject.toml
@@ -33,8 +33,17 @@ test: install
 test-slow: install
 	$(PY) -m pytest -q -m slow
 
+# GPU tests (CUDA step parity with the CPU, resume on CUDA, no host sync); they skip without CUDA.
+test-gpu: install
+	$(PY) -m pytest -q -m gpu
+
 test-all: install
 	$(PY) -m pytest -q -m 'slow or not slow'
+
+# On a CUDA machine: every model and method on the GPU (with and without bf16), bench, resume,
+# NCCL with two GPUs, one summary table, within 8 minutes. Without a GPU: one line, exit 0.
+gpu-check: install
+	$(PY) -m bpfree.gpu_check
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

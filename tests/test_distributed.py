@@ -7,8 +7,9 @@ Expected values come from what data parallelism is meant to compute:
   mean-loss gradients, so BP and DFA on 2 processes end with the weights of one process on the
   same global batches (to float rounding), also with an uneven last batch (203 samples: 6 + 5);
 * GrAPE's ranks average their Jacobian estimates, so after one step ``Jbar`` equals the mean of
-  the estimates that single-process GrAPE computes on each shard alone, and ``B_l`` is identical
-  on every rank; with the feedback update off (``eta=0, noise=0``) GrAPE is DFA with a fixed
+  the estimates that single-process GrAPE computes on each shard alone with that rank's tangent
+  stream (``worker_rank``), and ``B_l`` is identical on every rank; the ranks' tangent streams
+  differ, while the shared generator (``B_l``'s initialisation and noise) agrees bit for bit; with the feedback update off (``eta=0, noise=0``) GrAPE is DFA with a fixed
   ``B_l`` and ends with the single-process weights;
 * a checkpoint written by 2 processes resumes on 1 and ends where an uninterrupted run ends.
 
@@ -92,8 +93,10 @@ def _worker(root: str) -> None:
                 pass
         else:
             run.fit()
-        torch.save({"model": run.model.state_dict(), "method": run.method.state_dict()},
-                   root / f"{name}.rank{workers.rank}.pt")
+        probe = torch.randn(8, generator=run.method.tangent_generator(torch.device("cpu"))) \
+            if name.startswith("grape") else None  # this rank's tangent stream at its last step
+        torch.save({"model": run.model.state_dict(), "method": run.method.state_dict(), "tangents": probe,
+                    "worker_rank": run.method.worker_rank}, root / f"{name}.rank{workers.rank}.pt")
     for method in library_methods():  # every method trains under data parallelism
         run = Run(make_cfg(method=method, epochs=1, limit_train=96, log_every=1), root / f"all-{method}",
                   progress=False)
@@ -160,8 +163,9 @@ def test_grape_jacobian_estimate_is_the_mean_of_the_shard_estimates(ddp_runs, tm
     run = Run(cfg, tmp_path / "ref", progress=False)
     x, y = run.task.train_batch(cfg.run.seed, 0, 0, cfg.run.batch_size)
     estimates = []
-    for rank in range(WORLD):  # a fresh single-process GrAPE (same seed) on the shard alone
+    for rank in range(WORLD):  # a fresh single-process GrAPE (same seed, rank's tangents) on the shard alone
         shard = Run(cfg, tmp_path / f"shard{rank}", progress=False)
+        shard.method.worker_rank = rank
         lo, hi = Workers(rank, WORLD).shard_range(len(x))
         shard.method.step(x[lo:hi], y[lo:hi], shard.task.loss_fn)
         estimates.append(shard.method.state.jacobian.mean)
@@ -170,6 +174,67 @@ def test_grape_jacobian_estimate_is_the_mean_of_the_shard_estimates(ddp_runs, tm
         got = final(ddp_runs, "grape-one-step", rank)["method"]["jacobian"]["mean"]
         assert_same(got, expected, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(estimates[0]["3"], estimates[1]["3"])  # the shards did differ
+
+
+def test_ranks_draw_their_own_tangents_but_share_the_feedback_stream(ddp_runs):
+    """Per rank: its own tangents (seeded by seed, rank and step); shared: B_l and the generator making it."""
+    for name in ("grape", "grape-one-step"):
+        a, b = final(ddp_runs, name, 0), final(ddp_runs, name, 1)
+        assert (a["worker_rank"], b["worker_rank"]) == (0, 1)
+        assert not torch.allclose(a["tangents"], b["tangents"])
+        assert torch.equal(a["method"]["generator"], b["method"]["generator"])
+        assert_same(a["method"]["feedback"], b["method"]["feedback"], rtol=0, atol=0)
+    # the tangents a rank draws are a pure function of (seed, rank, step): what a resumed run redraws
+    from bpfree.methods.base import MethodGenerator, rank_seed
+
+    again = torch.randn(8, generator=MethodGenerator(0).for_rank("cpu", 1, 1))
+    assert torch.equal(again, final(ddp_runs, "grape-one-step", 1)["tangents"])
+    assert torch.equal(again, torch.randn(8, generator=torch.Generator().manual_seed(rank_seed(0, 1, 1))))
+
+
+def test_the_group_gets_the_timeout_and_the_gpu_of_its_rank(monkeypatch):
+    """init_process_group receives dist_timeout and, for NCCL, device_id = cuda:LOCAL_RANK (set current first)."""
+    import datetime
+
+    import torch.distributed as dist
+
+    calls, current = [], []
+    monkeypatch.setattr(dist, "init_process_group", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: None)
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    for key, value in dict(RANK="1", LOCAL_RANK="1", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT="1").items():
+        monkeypatch.setenv(key, value)
+    with distributed.from_environment("cpu", timeout=12.5):
+        pass
+    assert calls[-1] == {"backend": "gloo", "init_method": "env://", "timeout": datetime.timedelta(seconds=12.5)}
+    with distributed.from_environment("cpu"):
+        pass
+    assert calls[-1]["timeout"] == datetime.timedelta(seconds=distributed.TIMEOUT_S)
+    # a CUDA run on a (pretended) machine with two GPUs and NCCL
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: current.append(torch.device(d)))
+    monkeypatch.setattr(dist, "is_nccl_available", lambda: True)
+    with distributed.from_environment("cuda", timeout=30):
+        pass
+    assert calls[-1] == {"backend": "cpu:gloo,cuda:nccl", "init_method": "env://",
+                         "timeout": datetime.timedelta(seconds=30), "device_id": torch.device("cuda", 1)}
+    assert current == [torch.device("cuda", 1)]
+
+
+def test_the_cli_hands_dist_timeout_to_the_group(monkeypatch, tmp_path):
+    """``--set dist_timeout=7`` reaches the process group that --nproc spawns, and a resume reads it back."""
+    from bpfree import cli
+
+    seen = []
+    monkeypatch.setattr(distributed, "spawn", lambda n, fn, *a, device=None, timeout=None: seen.append((n, device, timeout)))
+    argv = ["train", "--method", "bp", "--dataset", "blobs-test", "--batch-size", "32", "--device", "cpu",
+            "--set", "dist_timeout=7", "--nproc", "2", "--out", str(tmp_path / "run")]
+    assert cli.main(argv) == 0
+    assert seen == [(2, "cpu", 7.0)]
+    assert resolve({}, ["dist_timeout=7"]).run.dist_timeout == 7.0
+    with pytest.raises(Exception, match="dist_timeout"):
+        resolve({}, ["dist_timeout=0"])
 
 
 def test_checkpoint_of_two_processes_resumes_on_one(ddp_runs, tmp_path):

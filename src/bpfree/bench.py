@@ -3,13 +3,24 @@
 Step time: every method gets its own copy of the model (same initial weights), optimizer and
 the same real batches. After ``warmup`` steps each, ``repeats`` rounds run ``group`` consecutive
 steps of every method in turn (alternating, so drifts in machine load hit all methods alike); a
-step is ``zero_grad + method.step + optimizer.step`` (CUDA is synchronised around it) and one
-sample is the mean step time of the group. ``group`` defaults to the longest ``method.period``
-(capped at 10), so a method that does extra work every K-th step (GrAPE's ``every``) is timed
-over whole periods instead of a bimodal mix of cheap and dear steps. Reported: the median over
-repeats and its ratio to BP's median measured in the same process.
+step is ``zero_grad + method.step + optimizer.step`` and one sample is the mean step time of the
+group. ``group`` defaults to the longest ``method.period`` (capped at 10), so a method that does
+extra work every K-th step (GrAPE's ``every``) is timed over whole periods instead of a bimodal
+mix of cheap and dear steps. Reported: the median over repeats and its ratio to BP's median
+measured in the same process. The run options ``amp``, ``tf32``, ``cudnn_benchmark`` and
+``deterministic`` apply as in training.
 
-Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` over ``mem_steps`` steps. On CPU, each
+The clock (:func:`clock_for`): on the CPU, wall time around each step (:class:`WallClock`). On
+CUDA, events (:class:`CudaEvents`): a ``torch.cuda.Event(enable_timing=True)`` is recorded on the
+stream before and after each group, with no synchronisation in between, so the steps queue as
+they do in training (the host prepares the next kernels while the GPU runs the last ones) and a
+sample is the GPU time from the group's first kernel to its last; the events are read after all
+rounds. Timing each step with a ``torch.cuda.synchronize()`` around it would add a drained queue
+and a launch latency to every step and make cheap steps look dear.
+
+Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` over ``mem_steps`` steps, and
+``torch.cuda.max_memory_reserved`` (what the caching allocator holds from the device: the figure
+that runs out first), both above what was held before the steps. On CPU, each
 method runs in a fresh subprocess (Linux) and the figure is the growth of its peak resident set
 size (``VmHWM``, reset through ``/proc/self/clear_refs`` once the model and one batch are in
 memory and the rest of the data is freed): the memory training adds (optimizer state, feedback
@@ -30,6 +41,7 @@ from dataclasses import dataclass
 import torch
 
 from . import methods, models, tasks
+from .train import backends
 from .train.config import RunConfig, resolve
 from .train.precision import Precision
 from .train.setup import make_optimizer, resolve_device
@@ -52,18 +64,64 @@ def build(cfg: RunConfig, task, device) -> Contender:
                      Precision(cfg.run.amp, device, method))
 
 
-def one_step(c: Contender, task, x, y, device) -> float:
-    """Seconds of ``zero_grad + method.step + optimizer.step``, under the run's ``amp`` as in training."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
+def run_step(c: Contender, task, x, y) -> None:
+    """``zero_grad + method.step + optimizer.step``, under the run's ``amp`` as in training."""
     c.optimizer.zero_grad(set_to_none=True)
     with c.precision.autocast():
         c.method.step(x, y, c.precision.loss_fn(task.loss_fn))
     c.precision.step(c.optimizer)
+
+
+def one_step(c: Contender, task, x, y, device) -> float:
+    """Wall seconds of :func:`run_step` (CUDA is synchronised around it)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    run_step(c, task, x, y)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - t0
+
+
+class WallClock:
+    """CPU timing: the sum of :func:`one_step`'s wall times over a group of steps."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def group(self, c: Contender, task, batches: list, group: int) -> float:
+        """Seconds of ``group`` steps on ``batches`` (taken in turn)."""
+        return sum(one_step(c, task, *batches[i % len(batches)], self.device) for i in range(group))
+
+    def seconds(self, mark: float) -> float:
+        return mark
+
+
+class CudaEvents:
+    """CUDA timing: events recorded on the stream around a group of steps, read afterwards."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def group(self, c: Contender, task, batches: list, group: int) -> tuple:
+        """Queue ``group`` steps between two recorded events; returns the pair (nothing waits)."""
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for i in range(group):
+            run_step(c, task, *batches[i % len(batches)])
+        end.record()
+        return start, end
+
+    def seconds(self, mark: tuple) -> float:
+        """The GPU time between the pair's events (waits for the second one)."""
+        start, end = mark
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+
+
+def clock_for(device: torch.device) -> WallClock | CudaEvents:
+    """:class:`CudaEvents` on CUDA, :class:`WallClock` elsewhere."""
+    return CudaEvents(device) if device.type == "cuda" else WallClock(device)
 
 
 def configs(names: list[str], base: dict, sets: list[str], overrides: dict) -> list[RunConfig]:
@@ -85,41 +143,60 @@ def time_methods(cfgs: list[RunConfig], repeats: int = 20, warmup: int = 5, prog
     ``group`` consecutive steps; default: the longest method period, at most 10), alternating;
     and the ``group`` used. ``data_dir``: the dataset cache (default: the usual one)."""
     device = resolve_device(cfgs[0].run.device)
-    task = load_task(cfgs[0], device, data_dir)
-    contenders = [build(c, task, device) for c in cfgs]
-    B = cfgs[0].run.batch_size
-    nb = task.num_batches(B)
-    batches = [task.train_batch(0, 0, i % nb, B) for i in range(4)]
-    if group is None:
-        group = min(10, max(getattr(c.method, "period", 1) for c in contenders))
-    if group < 1:
-        raise ValueError(f"group must be at least 1, got {group}")
-    for c in contenders:
-        for i in range(warmup * group):
-            one_step(c, task, *batches[i % len(batches)], device)
-    times: dict[str, list[float]] = {c.name: [] for c in contenders}
-    from tqdm.auto import tqdm
-
-    for r in tqdm(range(repeats), desc="bench", disable=not progress, leave=False):
+    backends.prepare_environment(cfgs[0].run, device)
+    with backends.applied(cfgs[0].run, device):
+        task = load_task(cfgs[0], device, data_dir)
+        contenders = [build(c, task, device) for c in cfgs]
+        B = cfgs[0].run.batch_size
+        nb = task.num_batches(B)
+        batches = [task.train_batch(0, 0, i % nb, B) for i in range(4)]
+        if group is None:
+            group = min(10, max(getattr(c.method, "period", 1) for c in contenders))
+        if group < 1:
+            raise ValueError(f"group must be at least 1, got {group}")
+        clock = clock_for(device)
         for c in contenders:
-            total = sum(one_step(c, task, *batches[(r * group + i) % len(batches)], device) for i in range(group))
-            times[c.name].append(total / group)
+            for i in range(warmup * group):
+                if isinstance(clock, WallClock):
+                    one_step(c, task, *batches[i % len(batches)], device)
+                else:
+                    run_step(c, task, *batches[i % len(batches)])
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        marks: dict[str, list] = {c.name: [] for c in contenders}
+        from tqdm.auto import tqdm
+
+        for r in tqdm(range(repeats), desc="bench", disable=not progress, leave=False):
+            for c in contenders:
+                turn = [batches[(r * group + i) % len(batches)] for i in range(group)]
+                marks[c.name].append(clock.group(c, task, turn, group))
+        times = {name: [clock.seconds(m) / group for m in ms] for name, ms in marks.items()}
     return times, group
 
 
 def peak_memory_mb(cfg: RunConfig, steps: int = 3, data_dir: str | os.PathLike | None = None) -> float:
     """Peak memory added by ``steps`` training steps of ``cfg``'s method (see module docstring)."""
+    return peak_memory(cfg, steps, data_dir)[0]
+
+
+def peak_memory(cfg: RunConfig, steps: int = 3, data_dir: str | os.PathLike | None = None,
+                ) -> tuple[float, float | None]:
+    """``(allocated, reserved)``: MB that ``steps`` training steps add at their peak (reserved: CUDA
+    only, ``None`` elsewhere)."""
     device = resolve_device(cfg.run.device)
     if device.type == "cuda":
-        task = load_task(cfg, device, data_dir)
-        c = build(cfg, task, device)
-        x, y = task.train_batch(0, 0, 0, cfg.run.batch_size)
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        for _ in range(steps):
-            one_step(c, task, x, y, device)
-        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+        with backends.applied(cfg.run, device):
+            task = load_task(cfg, device, data_dir)
+            c = build(cfg, task, device)
+            x, y = task.train_batch(0, 0, 0, cfg.run.batch_size)
+            torch.cuda.synchronize(device)
+            torch.cuda.empty_cache()  # blocks freed by earlier measurements leave the reserved figure
+            torch.cuda.reset_peak_memory_stats(device)
+            base, held = torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device)
+            for _ in range(steps):
+                one_step(c, task, x, y, device)
+            return ((torch.cuda.max_memory_allocated(device) - base) / 2**20,
+                    (torch.cuda.max_memory_reserved(device) - held) / 2**20)
     payload = json.dumps({"config": cfg.to_dict(), "steps": steps,
                           "data_dir": None if data_dir is None else str(data_dir)})
     code = "import sys, bpfree.bench as b; b._memory_child(sys.argv[1])"
@@ -130,7 +207,7 @@ def peak_memory_mb(cfg: RunConfig, steps: int = 3, data_dir: str | os.PathLike |
     res = subprocess.run([sys.executable, "-c", code, payload], capture_output=True, text=True, check=False, env=env)
     if res.returncode != 0:
         raise RuntimeError(f"memory measurement of {cfg.run.method} failed: {res.stderr.strip().splitlines()[-1:]}")
-    return float(res.stdout.strip().splitlines()[-1])
+    return float(res.stdout.strip().splitlines()[-1]), None
 
 
 def _status_kib(field: str) -> int:
@@ -170,8 +247,9 @@ def _memory_child(payload: str) -> None:
 
 def bench(cfgs: list[RunConfig], repeats: int = 20, warmup: int = 5, memory: bool = True, progress: bool = True,
           group: int | None = None, data_dir: str | os.PathLike | None = None) -> list[dict]:
-    """Rows ``{method, median_ms, p25_ms, p75_ms, ratio_to_bp, peak_mem_mb}`` (ratio to the first
-    method when ``bp`` is not among them); ``group``, ``data_dir``: see :func:`time_methods`."""
+    """Rows ``{method, median_ms, p25_ms, p75_ms, ratio_to_bp, peak_mem_mb, peak_reserved_mb}`` (ratio
+    to the first method when ``bp`` is not among them; reserved: CUDA only); ``group``,
+    ``data_dir``: see :func:`time_methods`."""
     times, group = time_methods(cfgs, repeats, warmup, progress, group, data_dir)
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     ref = med.get("bp", next(iter(med.values())))
@@ -179,10 +257,12 @@ def bench(cfgs: list[RunConfig], repeats: int = 20, warmup: int = 5, memory: boo
     for cfg in cfgs:
         name = cfg.run.method
         q = statistics.quantiles(times[name], n=4) if len(times[name]) > 1 else [times[name][0]] * 3
+        allocated, reserved = peak_memory(cfg, data_dir=data_dir) if memory else (None, None)
         rows.append({
             "method": name, "median_ms": round(med[name], 3), "p25_ms": round(q[0] * 1e3, 3),
             "p75_ms": round(q[2] * 1e3, 3), "ratio_to_bp": round(med[name] / ref, 3),
-            "peak_mem_mb": round(peak_memory_mb(cfg, data_dir=data_dir), 1) if memory else None,
+            "peak_mem_mb": None if allocated is None else round(allocated, 1),
+            "peak_reserved_mb": None if reserved is None else round(reserved, 1),
             "steps_per_sample": group,
         })
     return rows
@@ -191,13 +271,24 @@ def bench(cfgs: list[RunConfig], repeats: int = 20, warmup: int = 5, memory: boo
 def table(rows: list[dict], cfg: RunConfig, repeats: int) -> str:
     r = cfg.run
     device = resolve_device(r.device)
-    head = (f"{r.model} on {r.dataset}-shaped batches of {r.batch_size}, {r.optimizer}, {device}, "
-            f"{torch.get_num_threads()} threads, median of {repeats} samples"
+    where = f"{device}"
+    if device.type == "cuda":
+        p = backends.platform(device, r)
+        where = (f"{device} ({p['gpu']}, CUDA {p['cuda']}, tf32 {'on' if p['tf32'] else 'off'}, "
+                 f"cudnn_benchmark {'on' if p['cudnn_benchmark'] else 'off'}, CUDA-event timing)")
+    else:
+        where += f", {torch.get_num_threads()} threads"
+    reserved = any(row.get("peak_reserved_mb") is not None for row in rows)
+    dash = lambda v: v if v is not None else "–"
+    head = (f"{r.model} on {r.dataset}-shaped batches of {r.batch_size}, {r.optimizer}"
+            + (f", amp {r.amp}" if r.amp != "none" else "") + f", {where}, median of {repeats} samples"
             + (f" (each the mean of {rows[0]['steps_per_sample']} consecutive steps)" if rows and rows[0].get("steps_per_sample", 1) > 1 else "")
             + "\n\n"
-            "| method | median ms/step | p25–p75 ms | ratio to bp | peak memory MB |\n|---|---|---|---|---|\n")
+            "| method | median ms/step | p25–p75 ms | ratio to bp | peak memory MB |"
+            + (" peak reserved MB |\n|---|---|---|---|---|---|\n" if reserved else "\n|---|---|---|---|---|\n"))
     return head + "".join(
         f"| {row['method']} | {row['median_ms']:.2f} | {row['p25_ms']:.2f}–{row['p75_ms']:.2f} | "
-        f"{row['ratio_to_bp']:.3f} | {row['peak_mem_mb'] if row['peak_mem_mb'] is not None else '–'} |\n"
+        f"{row['ratio_to_bp']:.3f} | {dash(row['peak_mem_mb'])} |"
+        + (f" {dash(row.get('peak_reserved_mb'))} |" if reserved else "") + "\n"
         for row in rows
     )

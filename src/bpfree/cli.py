@@ -120,8 +120,11 @@ def _spawn_if_asked(args) -> int | None:
     import torch.multiprocessing as mp
 
     device = args.device or (cfgs[0].run.device if cfgs else None)
+    timeout = cfgs[0].run.dist_timeout if cfgs else None
+    if cfgs:
+        _prepare(cfgs[0].run, device)
     try:
-        distributed.spawn(args.nproc, _worker, args.argv, device=device)
+        distributed.spawn(args.nproc, _worker, args.argv, device=device, timeout=timeout)
     except mp.ProcessExitedException as err:
         if err.exit_code is not None and err.exit_code > 0:
             return err.exit_code  # the process printed its own error
@@ -143,16 +146,25 @@ def _worker(argv: list[str]) -> None:
         raise SystemExit(rc)
 
 
-def _saved_device(run_dir: Path | None) -> str | None:
-    """The device in ``run_dir/config.toml`` (to pick the process group's backend), if readable."""
+def _saved_run(run_dir: Path | None):
+    """The run options in ``run_dir/config.toml`` (to set up the process group), if readable."""
     if run_dir is None:
         return None
     try:
-        from .train.config import load_toml
+        from .train.config import load_toml, resolve
 
-        return str(load_toml(Path(run_dir) / "config.toml").get("run", {}).get("device", "auto"))
-    except (OptionError, OSError):
+        return resolve(load_toml(Path(run_dir) / "config.toml")).run
+    except (OptionError, OSError, ValueError, TypeError):
         return None
+
+
+def _prepare(run, device: str | None) -> None:
+    """What must be in place before this process touches CUDA (a deterministic run's cuBLAS workspace)."""
+    from . import distributed
+    from .train import backends
+
+    if run is not None and distributed.uses_cuda(device):
+        backends.prepare_environment(run, "cuda")
 
 
 def cmd_train(args) -> int:
@@ -169,13 +181,15 @@ def cmd_train(args) -> int:
             flags = ", ".join("--" + k.replace("_", "-") for k in given)
             raise OptionError(f"--resume continues {args.resume} with its saved configuration; drop {flags} "
                               f"(only --device, --nproc, --data-dir, --no-progress and --trust-checkpoint go with it)")
-        device = args.device or _saved_device(args.resume)
+        saved = _saved_run(args.resume)
+        device = args.device or (saved.device if saved is not None else None)
     else:
         if args.trust_checkpoint:
             raise OptionError("--trust-checkpoint goes with --resume DIR: it says how to load DIR's checkpoint")
         cfg = _config(args, args.method)
-        device = cfg.run.device
-    with distributed.from_environment(device) as workers:
+        device, saved = cfg.run.device, cfg.run
+    _prepare(saved, device)
+    with distributed.from_environment(device, saved.dist_timeout if saved is not None else None) as workers:
         if args.resume:
             summary = resume(args.resume, data_dir=args.data_dir, progress=not args.no_progress,
                              device=args.device, workers=workers, trust_checkpoint=args.trust_checkpoint)
@@ -243,7 +257,8 @@ def cmd_compare(args) -> int:
         methods.get(m)  # fail before any training on an unknown name
     cfgs = [_config(args, m, tuple(n for n in names if n != m)) for m in names]
     r = cfgs[0].run
-    with distributed.from_environment(r.device) as workers:
+    _prepare(r, r.device)
+    with distributed.from_environment(r.device, r.dist_timeout) as workers:
         out = workers.broadcast(
             args.out or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-compare-{_label(r.model)}-{_label(r.dataset)}")
         summaries = []

@@ -26,11 +26,15 @@ way unchanged, because the loop works on ``.grad`` and never asks which method r
   method that keeps batch statistics of its own passes them through it (GrAPE's Jacobian
   estimates: each rank estimates on its own shard's sub-batch, the estimates are averaged, so
   ``Jbar`` and hence every ``B_l`` stay identical on all ranks; the estimate pools
-  ``W x samples`` inputs instead of ``samples``). At every checkpoint and after an uneven last
-  batch the ranks compare a fingerprint of the method's state and, where it differs, take rank
-  0's: after an uneven batch that is expected (shards of different sizes draw different numbers
-  of tangents from the method's generator); at a checkpoint it means the method keeps shard
-  statistics it does not average (DKP's feedback matrices, today), and a warning names it.
+  ``W x samples`` inputs instead of ``samples``). Every rank draws its own tangents
+  (``method.worker_rank``, :meth:`bpfree.methods.base.Method.tangent_generator`: a stream seeded
+  from the method's seed, the rank and the step), so the pooled estimate averages ``W``
+  independent draws; the method's shared generator, which makes ``B_l`` and GrAPE's noise, draws
+  the same on every rank. At every checkpoint and after an uneven last batch the ranks compare a
+  fingerprint of the method's state and, where it differs, take rank 0's: after an uneven batch
+  that may be expected (a method whose state follows its shard's size); at a checkpoint it means
+  the method keeps shard statistics it does not average (DKP's feedback matrices, today), and a
+  warning names it.
   Such a method still trains (its weights stay identical on all ranks, since gradients are
   averaged), but its state between checkpoints is each rank's own.
 * **Rank 0 writes.** ``config.toml``, ``metrics.jsonl``, ``checkpoint.pt`` and ``summary.json``
@@ -44,13 +48,17 @@ way unchanged, because the loop works on ``.grad`` and never asks which method r
 
 Errors that one rank detects before or between collectives (an unwritable run directory, a
 corrupt checkpoint, a non-finite loss) are agreed on by all ranks, so every process stops with
-the same message instead of waiting forever.
+the same message instead of waiting forever. A rank that dies leaves the others waiting in a
+collective for at most the run option ``dist_timeout`` (default :data:`TIMEOUT_S` seconds; NCCL's own
+default is ten minutes), after which their process group fails.
 
 Launching: ``torchrun --nproc_per_node W -m bpfree.cli train ...`` (the CLI joins the group
 that torchrun describes in the environment), or ``bpfree train --nproc W ...``, which spawns
 the ``W`` processes itself on this machine (:func:`spawn`, a free port on 127.0.0.1). Backends:
 gloo for a CPU run; ``cpu:gloo,cuda:nccl`` for a CUDA run, where each process uses
-``cuda:LOCAL_RANK`` (at most one process per GPU).
+``cuda:LOCAL_RANK`` (at most one process per GPU), set as its current device before the group
+is made and given to ``init_process_group`` as ``device_id`` (NCCL binds its communicator to it
+at once instead of guessing a device at the first collective).
 
 What equals what: BP and DFA on ``W`` processes end with the weights of one process on the same
 global batches, to float rounding (``tests/test_distributed.py`` checks ``atol=1e-5``). GrAPE
@@ -62,6 +70,7 @@ feedback update off (``eta=0, noise=0``) it, too, ends with the single-process w
 from __future__ import annotations
 
 import contextlib
+import datetime
 import hashlib
 import os
 import socket
@@ -74,6 +83,8 @@ import torch.distributed as dist
 
 #: Gradient bucket size for the all-reduce, in bytes.
 BUCKET_BYTES = 32 * 2**20
+#: Seconds a collective waits for the other ranks before the process group fails (run option dist_timeout).
+TIMEOUT_S = 300.0
 
 
 class DistributedError(RuntimeError):
@@ -367,12 +378,14 @@ def backend(device: str | None = None) -> str:
 
 
 @contextlib.contextmanager
-def from_environment(device: str | None = None) -> Iterator[Workers]:
+def from_environment(device: str | None = None, timeout: float | None = None) -> Iterator[Workers]:
     """Join the process group described by ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT``.
 
     What torchrun (and :func:`spawn`) set. Without them, or with ``WORLD_SIZE=1``, or when a group
     is already initialised, nothing is set up (and nothing torn down). ``device``: the run's device
-    option; a CUDA run gets NCCL for its CUDA tensors and ``cuda:LOCAL_RANK`` as current device.
+    option; a CUDA run gets NCCL for its CUDA tensors and ``cuda:LOCAL_RANK`` as current device
+    and as the group's ``device_id``. ``timeout``: seconds a collective (and joining the group)
+    waits for the other ranks before failing (default :data:`TIMEOUT_S`).
     """
     world = env_world_size()
     if world <= 1 or (dist.is_available() and dist.is_initialized()):
@@ -385,9 +398,12 @@ def from_environment(device: str | None = None) -> Iterator[Workers]:
         raise DistributedError(f"WORLD_SIZE={world} but {', '.join(missing)} not set: launch with torchrun or --nproc")
     local_rank = int(os.environ.get("LOCAL_RANK", os.environ["RANK"]))
     chosen = backend(device)
+    options: dict[str, Any] = {"timeout": datetime.timedelta(seconds=TIMEOUT_S if timeout is None else timeout)}
     if "nccl" in chosen:
-        torch.cuda.set_device(Workers(int(os.environ["RANK"]), world, local_rank).cuda_device())
-    dist.init_process_group(backend=chosen, init_method="env://")
+        gpu = Workers(int(os.environ["RANK"]), world, local_rank).cuda_device()
+        torch.cuda.set_device(gpu)
+        options["device_id"] = gpu
+    dist.init_process_group(backend=chosen, init_method="env://", **options)
     try:
         yield Workers.current()
     finally:
@@ -401,22 +417,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _spawned(rank: int, nproc: int, port: int, device: str | None, fn: Callable[..., Any], args: tuple) -> None:
+def _spawned(rank: int, nproc: int, port: int, device: str | None, timeout: float | None,
+             fn: Callable[..., Any], args: tuple) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // nproc))
-    with from_environment(device):
+    with from_environment(device, timeout):
         fn(*args)
 
 
-def spawn(nproc: int, fn: Callable[..., Any], *args: Any, device: str | None = "cpu") -> None:
+def spawn(nproc: int, fn: Callable[..., Any], *args: Any, device: str | None = "cpu",
+          timeout: float | None = None) -> None:
     """Run ``fn(*args)`` in ``nproc`` new processes joined in one process group on this machine.
 
     ``fn`` must be importable by name (a module-level function); ``device`` picks the backend
-    (:func:`backend`). Raises ``torch.multiprocessing.ProcessExitedException`` /
-    ``ProcessRaisedException`` when a process fails (the others are stopped).
+    (:func:`backend`); ``timeout``: see :func:`from_environment`. Raises
+    ``torch.multiprocessing.ProcessExitedException`` / ``ProcessRaisedException`` when a process
+    fails (the others are stopped).
     """
     if nproc < 1:
         raise DistributedError(f"--nproc must be at least 1, got {nproc}")
-    torch.multiprocessing.spawn(_spawned, args=(nproc, free_port(), device, fn, args), nprocs=nproc, join=True)
+    torch.multiprocessing.spawn(_spawned, args=(nproc, free_port(), device, timeout, fn, args), nprocs=nproc,
+                                join=True)

@@ -38,7 +38,7 @@ from .. import methods
 from ..options import OptionError
 from ..train import loop
 from ..train.checkpoint import save_text
-from ..train.config import SECTIONS, RunOptions, load_toml, resolve
+from ..train.config import PLACEMENT, SECTIONS, RunOptions, load_toml, resolve
 from ..plots import Bar, cosine_limits, curve, grouped_bars, integer_ticks, method_colour, reference_line, styles
 from . import published as pub
 from .common import (DONE, FAILED, NEW, RESUME, STALE, Job, markdown_table, mean_std, pm, pyplot, save_figure,
@@ -113,9 +113,11 @@ def jobs(spec: Spec, scale: Scale, seeds: int, root: Path) -> list[Job]:
 
 
 def _comparable(cfg: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """A configuration without the device (where a run computes, not what it computes)."""
+    """A configuration without the device and the other placement options (where a run computes,
+    not what it computes)."""
     out = json.loads(json.dumps(cfg))
-    out["run"].pop("device", None)
+    for key in PLACEMENT:
+        out["run"].pop(key, None)
     return out
 
 

@@ -93,6 +93,35 @@ def preserved_buffers(model: nn.Module) -> Iterator[None]:
                     b.copy_(value)
 
 
+#: Layers whose forward-mode formula can return a tangent of another dtype than their output.
+NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+
+
+def _same_dtype_tangent(module: nn.Module, inputs: tuple, out: torch.Tensor) -> torch.Tensor:
+    primal, tangent = fwAD.unpack_dual(out)
+    if tangent is None or tangent.dtype == primal.dtype:
+        return out
+    return fwAD.make_dual(primal, tangent.to(primal.dtype))
+
+
+@contextlib.contextmanager
+def matched_tangents(model: nn.Module) -> Iterator[None]:
+    """For the block: every norm layer's output tangent in the dtype of its output (forward mode).
+
+    Under autocast a norm layer takes a bfloat16 input with float32 affine parameters (autocast
+    leaves them float32) and returns bfloat16, but PyTorch's forward-mode formula of
+    ``batch_norm`` returns the tangent in float32; the next layer, which autocast runs in
+    bfloat16, then meets operands of two dtypes and fails. The tangent is cast to the output's
+    dtype (a no-op when they agree, i.e. always without autocast).
+    """
+    handles = [m.register_forward_hook(_same_dtype_tangent) for m in model.modules() if isinstance(m, NORM_LAYERS)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def outer_mean(u: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     """``mean_i u_i d_i^T`` in float32 (also under autocast): ``(o, n_l)`` from ``u`` and ``d``.
 
@@ -156,7 +185,8 @@ def sample_jacobians(
         primal, tangent = fwAD.unpack_dual(h)
         return fwAD.make_dual(primal, d if tangent is None else tangent + d)
 
-    with torch.no_grad(), fwAD.dual_level(), handled(model, inject, points), preserved_buffers(model):
+    with torch.no_grad(), fwAD.dual_level(), handled(model, inject, points), preserved_buffers(model), \
+            matched_tangents(model):
         u = _output_tangent(model, x)
     if u is None:
         raise RuntimeError("the model output does not depend on any feedback point")
@@ -225,7 +255,7 @@ def block_parameters(model: nn.Module, x: torch.Tensor, names: dict[int, str]) -
 
     try:
         with torch.no_grad(), handled(model, count), preserved_buffers(model):
-            model(x[:1])
+            model(x[:2])  # two samples: BatchNorm in training mode refuses one per channel
     finally:
         for h in hooks:
             h.remove()
@@ -267,7 +297,8 @@ def weight_perturbation_jacobians(
                 at_point.append(fwAD.unpack_dual(h).tangent)
             return h
 
-        with torch.no_grad(), fwAD.dual_level(), handled(model, watch), preserved_buffers(model):
+        with torch.no_grad(), fwAD.dual_level(), handled(model, watch), preserved_buffers(model), \
+                matched_tangents(model):
             dual = {
                 k: fwAD.make_dual(p, torch.randn(p.shape, generator=generator, device=p.device, dtype=p.dtype))
                 for k, p in params.items() if k in owned

@@ -29,7 +29,7 @@ from torch import nn
 from .. import options as opts
 from .guards import LossFn, guarded_step
 
-__all__ = ["LossFn", "Method", "MethodGenerator", "MethodState", "StepResult"]
+__all__ = ["LossFn", "Method", "MethodGenerator", "MethodState", "StepResult", "rank_seed"]
 
 
 @dataclass
@@ -65,6 +65,7 @@ class MethodGenerator:
         self.seed = seed
         self._generator: torch.Generator | None = None
         self._pending: torch.Tensor | None = None
+        self._rank: torch.Generator | None = None  # for_rank's generator, reseeded at every call
 
     def on(self, device: torch.device | str) -> torch.Generator:
         g = self._generator
@@ -86,6 +87,18 @@ class MethodGenerator:
             self._generator = g
         return g
 
+    def for_rank(self, device: torch.device | str, rank: int, step: int) -> torch.Generator:
+        """A generator of ``rank``'s own draws at ``step``, on ``device``, apart from the shared stream.
+
+        Seeded with :func:`rank_seed` ``(seed, rank, step)``: a pure function of those numbers, so
+        it needs no state of its own (a resumed run draws what an uninterrupted one would) and
+        leaves the shared stream of :meth:`on` untouched; different ranks draw independent numbers.
+        """
+        g = self._rank
+        if g is None or g.device != torch.device(device):
+            g = self._rank = torch.Generator(device=device)
+        return g.manual_seed(rank_seed(self.seed, rank, step))
+
     def state_dict(self) -> torch.Tensor | None:
         """The current state, or the one waiting for first use; ``None`` if never used nor set."""
         return self._generator.get_state() if self._generator is not None else self._pending
@@ -94,6 +107,12 @@ class MethodGenerator:
         """Apply ``state`` at the next :meth:`on` (``None``: start again from the seed)."""
         self._generator, self._pending = None, None if state is None else state.cpu()
 
+
+
+def rank_seed(seed: int, rank: int, step: int) -> int:
+    """A 63-bit seed of ``rank``'s draws at ``step``: ``blake2b("bpfree-rank:seed:rank:step")``'s first 8 bytes."""
+    digest = hashlib.blake2b(f"bpfree-rank:{int(seed)}:{int(rank)}:{int(step)}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
 def reseed_from(state: torch.Tensor) -> int:
@@ -184,6 +203,25 @@ class Method:
         #: their state stays identical on every worker; the training loop sets it under
         #: torch.distributed.
         self.average_across_workers = lambda t: t
+        #: This process's rank when the training loop runs data parallel (``None``: one process).
+        #: Random probes drawn per step (GrAPE's tangents) then come from the rank's own stream
+        #: (:meth:`tangent_generator`), so the estimates the ranks pool are independent draws.
+        self.worker_rank: int | None = None
+
+    def tangent_generator(self, device: torch.device | str) -> torch.Generator:
+        """The generator of this step's random tangents (probes whose estimates ranks average).
+
+        One process: the method's own ``state.generator`` (``on(device)``), whose stream continues
+        across steps. Data parallel (``worker_rank`` set): ``state.generator.for_rank(device, rank,
+        state.steps)``, the rank's own draws for this step, so every rank perturbs with different
+        tangents and the pooled estimate is an average of independent ones; ``state.generator``
+        itself (the feedback matrices' initialisation, GrAPE's noise) then draws the same on every
+        rank, which keeps ``B_l`` identical everywhere.
+        """
+        generator = self.state["generator"]
+        if self.worker_rank is None:
+            return generator.on(device)
+        return generator.for_rank(device, self.worker_rank, self.state.get("steps", 0))
 
     def step(self, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) -> StepResult:
         """Forward ``x``, compute ``loss_fn(output, y)``, fill ``.grad`` of the parameters."""

@@ -43,6 +43,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import nn
 
+from ..feedback.estimators import matched_tangents
 from ..feedback.matrices import init_feedback, point_width, project
 from ..options import OptionError, option
 from ..points import all_points, feedback_points, handled, head_marker
@@ -289,7 +290,8 @@ class DirectFeedback(Method):
             d = tangents[name] = draw(h)
             return fwAD.make_dual(h.detach(), d if tangent is None else tangent.detach() + d)
 
-        with handled(self.model, cut, self.markers), (fwAD.dual_level() if draw is not None else contextlib.nullcontext()):
+        with handled(self.model, cut, self.markers), (fwAD.dual_level() if draw is not None else contextlib.nullcontext()), \
+                (matched_tangents(self.model) if draw is not None else contextlib.nullcontext()):
             out = forward_checked(self.model, x)
             u = None
             if draw is not None:

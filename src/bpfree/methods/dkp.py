@@ -19,12 +19,15 @@ def dkp_update(B: torch.Tensor, h: torch.Tensor, e: torch.Tensor, eta: float, we
     per token); ``e = dL/dy``: ``(batch, o)`` (or ``(batch, T, o)``). ``h`` is flattened to
     ``(N, n_l)`` and ``e`` to ``(N, o)`` over the same leading dimensions, so ``h^T e`` sums over the
     ``N`` samples (tokens); with a mean-reduced loss ``e`` already carries the ``1/N``, making it the
-    batch mean of the per-sample outer products ``h_i e_i^T``. Returns a new tensor.
+    batch mean of the per-sample outer products ``h_i e_i^T``. Computed in ``B``'s dtype (float32)
+    with autocast off, also when the step runs under autocast (``h``, ``e`` in bfloat16 are widened
+    first, as the links widen ``e``). Returns a new tensor.
     """
     lead = lead_dims(e, h)
     H = flat_features(h.detach(), lead).to(B.dtype)
     E = flat_features(e.detach(), lead).to(B.dtype)
-    return B - eta * (H.t() @ E + weight_decay * B)
+    with torch.autocast(B.device.type, enabled=False):
+        return B - eta * (H.t() @ E + weight_decay * B)
 
 
 @register

@@ -14,7 +14,9 @@ def one_hot_targets(y: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 
     ``out``: ``(batch, o)`` or ``(batch, T, o)``; ``y``: ``(batch,)`` or ``(batch, T)`` integer labels in
     ``[0, o)``. ``N`` is the number of target rows (``batch`` or ``batch * T``), so the projection is
-    a per-batch average like ``e = dL/dy`` of a mean-reduced loss.
+    a per-batch average like ``e = dL/dy`` of a mean-reduced loss. Labels out of range are a
+    ``ValueError`` on the CPU; on CUDA ``one_hot`` checks them with a device-side assertion (no
+    wait for the device), and the training loop's tasks check their labels when they load.
     """
     o = out.shape[-1]
     if y.dtype.is_floating_point or y.dtype == torch.bool or y.is_complex():
@@ -27,10 +29,12 @@ def one_hot_targets(y: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
             f"method 'drtp' needs one integer label per output row: the output is {tuple(out.shape)}, "
             f"so labels of shape {tuple(out.shape[:-1])}, but they are {tuple(y.shape)}"
         )
-    lo, hi = int(y.min()), int(y.max())
-    if lo < 0 or hi >= o:
-        raise ValueError(f"method 'drtp': labels lie in [{lo}, {hi}], outside the {o} classes [0, {o})")
-    return F.one_hot(y, o).to(out.dtype) / y.numel()
+    try:  # the range is read only when one_hot refuses it (CPU): a step does not wait for the device
+        hot = F.one_hot(y, o)
+    except RuntimeError:
+        lo, hi = int(y.min()), int(y.max())
+        raise ValueError(f"method 'drtp': labels lie in [{lo}, {hi}], outside the {o} classes [0, {o})") from None
+    return hot.to(out.dtype) / y.numel()
 
 
 @register

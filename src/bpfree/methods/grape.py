@@ -160,7 +160,7 @@ class GrAPE(DirectFeedback):
         ``perturb=weight``: one forward-mode pass per block with tangents on its weights.
         """
         o, model, names, k, markers = self.options, self.model, self.names, self.options.samples, self.markers
-        g = self.state.generator.on(device)
+        g = self.tangent_generator(device)  # per rank under data parallelism (B_l's own draws stay shared)
         if o.perturb == "weight":
             def weight(x: torch.Tensor, record: CutPass) -> dict[str, torch.Tensor]:
                 if self._blocks is None:

@@ -199,6 +199,20 @@ class TransformerLM(nn.Module):
             blk.attn.out.weight.data.mul_(1.0 / math.sqrt(2 * depth))
             blk.fc2.weight.data.mul_(1.0 / math.sqrt(2 * depth))
 
+    def embed_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """``E[x]``: ``(batch, T, d)``; ids outside ``[0, V)`` are a ``ValueError`` naming their range.
+
+        The range is read only when the lookup fails (on the CPU it raises ``IndexError``), so a
+        forward pass never waits for the device to report ``min``/``max`` of its input. On CUDA an
+        id out of range trips a device-side assertion instead; the tasks check their token
+        streams once, when they load.
+        """
+        try:
+            return self.embed(x)
+        except IndexError:
+            lo, hi = int(x.min()), int(x.max())
+            raise ValueError(f"token ids lie in [{lo}, {hi}], outside the vocabulary [0, {self.vocab})") from None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 2 or x.dtype not in (torch.int64, torch.int32):
             raise ValueError(
@@ -208,11 +222,7 @@ class TransformerLM(nn.Module):
         t = x.shape[1]
         if not 1 <= t <= self.context:
             raise ValueError(f"the transformer takes 1 to {self.context} tokens per sequence (its context), got {t}")
-        if x.numel():
-            lo, hi = int(x.min()), int(x.max())
-            if lo < 0 or hi >= self.vocab:
-                raise ValueError(f"token ids lie in [{lo}, {hi}], outside the vocabulary [0, {self.vocab})")
-        h = self.drop(self.embed(x) + self.pos.weight[:t])
+        h = self.drop(self.embed_tokens(x) + self.pos.weight[:t])
         for blk in self.blocks:
             h = blk(h)
         return self.proj(self.norm(self.head(h)))

@@ -74,9 +74,10 @@ class LanguageModelTask(Task):
         return min(n, limit) if limit else n
 
     def sequences(self, split: str, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(x, y)`` of the sequences ``index`` (int64 ``(B,)``) of ``split``: both ``(B, T)`` int64."""
+        """``(x, y)`` of the sequences ``index`` (int64 ``(B,)``, on the streams' device) of ``split``:
+        both ``(B, T)`` int64."""
         ids = self.streams[split]
-        pos = index.to(ids.device).unsqueeze(1) * self.context + torch.arange(self.context, device=ids.device)
+        pos = index.unsqueeze(1) * self.context + torch.arange(self.context, device=ids.device)
         return ids[pos], ids[pos + 1]
 
     # -- Task interface ------------------------------------------------------------------------
@@ -93,11 +94,13 @@ class LanguageModelTask(Task):
         return -(-self.num_sequences("train") // batch_size)
 
     def order(self, seed: int, epoch: int) -> torch.Tensor:
-        """The sequence order of ``epoch``: a permutation fixed by ``seed`` and ``epoch``."""
+        """The sequence order of ``epoch``: a permutation fixed by ``seed`` and ``epoch``, drawn on the
+        CPU (the same on every device) and copied to the streams' device once per epoch."""
         key = (seed, epoch)
         if self._order is None or self._order[0] != key:
             g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-            self._order = (key, torch.randperm(self.num_sequences("train"), generator=g))
+            order = torch.randperm(self.num_sequences("train"), generator=g)
+            self._order = (key, order.to(self.streams["train"].device))
         return self._order[1]
 
     def train_batch(self, seed: int, epoch: int, index: int, batch_size: int):
@@ -107,7 +110,7 @@ class LanguageModelTask(Task):
     def batch_stats(self, output, target, loss):
         """``loss_sum`` (mean token loss times tokens) and ``count`` (tokens)."""
         n = target.numel()
-        return {"loss_sum": loss.detach() * n, "count": torch.tensor(n, device=target.device)}
+        return {"loss_sum": loss.detach() * n, "count": torch.full((), n, dtype=torch.int64, device=target.device)}
 
     def summarise(self, sums):
         """``{"loss": mean token loss, "ppl": exp(loss)}``."""
@@ -124,29 +127,31 @@ class LanguageModelTask(Task):
         cap = max(1, self.max_eval_logits // (self.context * self.num_classes))
         step = max(1, min(batch_size, cap))
         n = self.num_sequences(split)
-        total, count = 0.0, 0
+        ids = self.streams[split]
+        total, count = torch.zeros((), dtype=torch.float64, device=ids.device), 0  # summed on the device
         try:
             for i in range(0, n, step):
-                x, y = self.sequences(split, torch.arange(i, min(i + step, n)))
+                x, y = self.sequences(split, torch.arange(i, min(i + step, n), device=ids.device))
                 out = model(x)
-                total += float(F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1), reduction="sum"))
+                total += F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1), reduction="sum").double()
                 count += y.numel()
-            ids = self.streams[split]
             start = n * self.context
             if not self.limits[split] and ids.numel() - 1 > start:
                 x, y = ids[start:-1].unsqueeze(0), ids[start + 1 :].unsqueeze(0)
                 out = model(x)
-                total += float(F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1), reduction="sum"))
+                total += F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1), reduction="sum").double()
                 count += y.numel()
         finally:
             model.train(was_training)
-        return self.summarise({"loss_sum": total, "count": count})
+        return self.summarise({"loss_sum": total.item(), "count": count})
 
     def probe_batch(self, size: int):
-        return self.sequences("train", torch.arange(min(size, self.num_sequences("train"))))
+        ids = self.streams["train"]
+        return self.sequences("train", torch.arange(min(size, self.num_sequences("train")), device=ids.device))
 
     def to(self, device):
         self.streams = {k: v.to(device) for k, v in self.streams.items()}
+        self._order = None
         return self
 
 

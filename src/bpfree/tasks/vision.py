@@ -10,7 +10,10 @@ smallest CNN).
 
 Augmentation is a pure function of ``(seed, epoch, index)``: :func:`batch_generator` seeds a
 ``torch.Generator`` from those three numbers, so a resumed run sees the very batches an
-uninterrupted run would have seen.
+uninterrupted run would have seen. The offsets and flips are drawn on the data's device, with a
+generator of that device (no copy from the host, which would wait for the GPU at every step); a
+CUDA generator draws other numbers than the CPU's, so the augmentations of a run depend on the
+kind of device too (a run resumed on another kind continues with that kind's draws).
 """
 
 from __future__ import annotations
@@ -27,17 +30,17 @@ from ..options import OptionError, option
 from . import Task, register
 
 
-def batch_generator(seed: int, epoch: int, index: int) -> torch.Generator:
-    """A CPU generator seeded from ``(seed, epoch, index)`` alone (stable across processes)."""
+def batch_generator(seed: int, epoch: int, index: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator on ``device`` seeded from ``(seed, epoch, index)`` alone (stable across processes)."""
     digest = hashlib.blake2b(f"bpfree-augment:{int(seed)}:{int(epoch)}:{int(index)}".encode(), digest_size=8)
-    return torch.Generator().manual_seed(int.from_bytes(digest.digest(), "little") & ((1 << 63) - 1))
+    return torch.Generator(device=device).manual_seed(int.from_bytes(digest.digest(), "little") & ((1 << 63) - 1))
 
 
 def crop_flip(x: torch.Tensor, top: torch.Tensor, left: torch.Tensor, flip: torch.Tensor, padding: int) -> torch.Tensor:
     """Crop every image of ``x`` from its zero-padded copy and mirror the chosen ones; batched.
 
     ``x``: ``(B, C, H, W)`` of any dtype; ``top``, ``left``: int64 ``(B,)`` in ``[0, 2*padding]``;
-    ``flip``: bool ``(B,)``. Returns ``(B, C, H, W)`` with
+    ``flip``: bool ``(B,)``, all three on ``x``'s device. Returns ``(B, C, H, W)`` with
     ``out[b] = pad(x[b], padding)[:, top[b]:top[b]+H, left[b]:left[b]+W]``, then reversed along
     the width where ``flip[b]`` (crop first, then flip, as torchvision's RandomCrop and
     RandomHorizontalFlip do). One ``gather`` over the flattened padded images, no loop over images
@@ -47,9 +50,9 @@ def crop_flip(x: torch.Tensor, top: torch.Tensor, left: torch.Tensor, flip: torc
     xp = F.pad(x, (padding, padding, padding, padding)) if padding else x
     hp, wp = xp.shape[2], xp.shape[3]
     dev = x.device
-    rows = top.to(dev).view(b, 1) + torch.arange(h, device=dev)  # (B, H)
-    cols = left.to(dev).view(b, 1) + torch.arange(w, device=dev)  # (B, W)
-    cols = torch.where(flip.to(dev).view(b, 1), cols.flip(1), cols)
+    rows = top.view(b, 1) + torch.arange(h, device=dev)  # (B, H)
+    cols = left.view(b, 1) + torch.arange(w, device=dev)  # (B, W)
+    cols = torch.where(flip.view(b, 1), cols.flip(1), cols)
     flat = (rows.view(b, h, 1) * wp + cols.view(b, 1, w)).view(b, 1, h * w).expand(b, c, h * w)
     return xp.reshape(b, c, hp * wp).gather(2, flat).view(b, c, h, w)
 
@@ -62,14 +65,17 @@ class Augment:
     flip: bool = True
 
     def draw(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(top, left, flip)`` for ``n`` images, each ``(n,)``: offsets in ``[0, 2*padding]``."""
-        top = torch.randint(0, 2 * self.padding + 1, (n,), generator=generator)
-        left = torch.randint(0, 2 * self.padding + 1, (n,), generator=generator)
-        flip = torch.rand(n, generator=generator) < 0.5 if self.flip else torch.zeros(n, dtype=torch.bool)
+        """``(top, left, flip)`` for ``n`` images, each ``(n,)`` on the generator's device: offsets
+        in ``[0, 2*padding]``."""
+        dev = generator.device
+        top = torch.randint(0, 2 * self.padding + 1, (n,), generator=generator, device=dev)
+        left = torch.randint(0, 2 * self.padding + 1, (n,), generator=generator, device=dev)
+        flip = (torch.rand(n, generator=generator, device=dev) < 0.5 if self.flip
+                else torch.zeros(n, dtype=torch.bool, device=dev))
         return top, left, flip
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """``x`` ``(B, C, H, W)`` augmented: :meth:`draw` then :func:`crop_flip`."""
+        """``x`` ``(B, C, H, W)`` augmented: :meth:`draw` then :func:`crop_flip` (``generator`` on ``x``'s device)."""
         return crop_flip(x, *self.draw(x.shape[0], generator), self.padding)
 
 
@@ -131,12 +137,14 @@ class ClassificationTask(Task):
         idx = self.order(seed, epoch)[index * batch_size : (index + 1) * batch_size]
         x = self.train_x[idx]
         if self.augment is not None:
-            x = self.augment(x, batch_generator(seed, epoch, index))
+            x = self.augment(x, batch_generator(seed, epoch, index, x.device))
         return self.prepare(x), self.train_y[idx]
 
     def batch_stats(self, output, target, loss):
+        """``loss_sum``, ``correct`` and ``count`` of a batch, 0-d tensors on the device (made there:
+        no copy from the host)."""
         return {"loss_sum": loss * len(target), "correct": (output.argmax(-1) == target).sum(),
-                "count": torch.tensor(len(target), device=target.device)}
+                "count": torch.full((), len(target), dtype=torch.int64, device=target.device)}
 
     def summarise(self, sums):
         n = max(sums.get("count", 0), 1)
@@ -148,14 +156,15 @@ class ClassificationTask(Task):
             raise ValueError(f"{self.name} has splits train and test, not {split!r}")
         was_training = model.training
         model.eval()
-        sums = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
+        keys = ("loss_sum", "correct", "count")
+        totals = torch.zeros(len(keys), dtype=torch.float64, device=self.test_y.device)  # summed on the device
         for i in range(0, len(self.test_x), batch_size):
             x, y = self.prepare(self.test_x[i : i + batch_size]), self.test_y[i : i + batch_size]
             out = model(x)
-            for k, v in self.batch_stats(out, y, self.loss_fn(out, y)).items():
-                sums[k] += float(v)
+            stats = self.batch_stats(out, y, self.loss_fn(out, y))
+            totals += torch.stack([stats[k].to(torch.float64) for k in keys])
         model.train(was_training)
-        return self.summarise(sums)
+        return self.summarise(dict(zip(keys, totals.tolist())))  # one copy to the host
 
     def probe_batch(self, size: int):
         return self.prepare(self.train_x[:size]), self.train_y[:size]

@@ -26,6 +26,9 @@ from .. import options as opts
 from ..options import OptionError, option
 
 SECTIONS = ("run", "model", "method", "data")
+#: Run options that say where and how a run computes, not what: a checkpoint resumes, and an
+#: experiment's finished run counts as done, whatever they are.
+PLACEMENT = ("device", "dist_timeout")
 
 
 @dataclass
@@ -53,6 +56,15 @@ class RunOptions:
     log: tuple[str, ...] = option(("jsonl",), "where metrics go: metrics.jsonl always (the source of truth); "
                                               "tensorboard also writes them as TensorBoard scalars in RUN/tensorboard",
                                   choices=("jsonl", "tensorboard"))
+    tf32: bool = option(True, "CUDA: float32 matrix products and convolutions on TF32 tensor cores (10-bit mantissa "
+                              "inputs, float32 accumulation); false: full float32. No effect on the CPU")
+    cudnn_benchmark: bool = option(True, "CUDA: cuDNN times its convolution algorithms per input shape and keeps the "
+                                         "fastest (off whenever deterministic is not off)")
+    deterministic: str = option("off", "deterministic algorithms (torch.use_deterministic_algorithms, cudnn.deterministic, "
+                                       "CUBLAS_WORKSPACE_CONFIG): on stops at an op that has none, naming it; warn warns "
+                                       "and runs it", choices=("off", "warn", "on"))
+    dist_timeout: float = option(300.0, "data parallel: seconds a collective waits for the other processes before "
+                                        "the group fails (a rank that died does not leave the others blocked)")
 
     def check(self) -> None:
         for key in ("epochs", "batch_size", "eval_batch_size", "log_every", "probe_size"):
@@ -72,6 +84,8 @@ class RunOptions:
         for key in ("method", "model", "dataset"):
             if not getattr(self, key).strip():
                 raise OptionError(f"option {key!r} must name a {key}, got an empty string")
+        if not (math.isfinite(self.dist_timeout) and self.dist_timeout > 0):
+            raise OptionError(f"option 'dist_timeout' must be a positive number of seconds, got {self.dist_timeout}")
         if not self.log:
             raise OptionError("option 'log' names no log; give jsonl, tensorboard or jsonl,tensorboard")
         if "tensorboard" in self.log:

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from .. import methods, models, tasks
 from ..distributed import Workers, derived_seed, to_device
-from . import rundir
+from . import backends, rundir
 from .config import RunConfig, resolve
 from .errors import TrainingError, as_training_error
 from .precision import Precision
@@ -59,6 +59,7 @@ class Run:
         self.trust_checkpoint = trust_checkpoint
         r = cfg.run
         self.device = resolve_device(r.device, W)
+        backends.prepare_environment(r, self.device)  # before the first CUDA matrix product
         with as_training_error():
             W.check_batch_size(r.batch_size)
         torch.manual_seed(r.seed)
@@ -94,6 +95,7 @@ class Run:
         with torch.no_grad():  # identical start on every rank, whatever the initialisation did
             W.broadcast_tensors([t.detach() for t in list(self.model.parameters()) + list(self.model.buffers())])
         self.method.average_across_workers = W.average
+        self.method.worker_rank = W.rank  # random probes (GrAPE's tangents): independent draws per rank
         torch.manual_seed(derived_seed(r.seed, W.rank))  # dropout etc.: independent draws per rank
 
     # -- persistence -----------------------------------------------------------------------
@@ -154,6 +156,8 @@ class Run:
             "device": str(self.device), "seed": r.seed, "processes": self.workers.world, "amp": r.amp,
             # CPU results can depend on it (convolution kernels split reductions per thread)
             "threads": torch.get_num_threads(),
+            # GPU, torch/CUDA/cuDNN versions and the tf32/cudnn_benchmark/deterministic switches in effect
+            "platform": backends.platform(self.device, r),
         })
 
     # -- data parallel ---------------------------------------------------------------------------
@@ -186,7 +190,13 @@ class Run:
                 from .board import FOLDER, Board
 
                 self._board = Board(self.out / FOLDER, self.state["global_step"] if resume else None)
-            return self._fit()
+            with backends.applied(self.cfg.run, self.device):
+                return self._fit()
+        except RuntimeError as err:
+            op = backends.refused_op(err)
+            if op is None:
+                raise
+            raise TrainingError(backends.refusal_message(op, self.device)) from err
         finally:
             self._metrics.close()
             self._metrics = rundir.NoLog()
@@ -220,11 +230,13 @@ class Run:
                     with self._local_method():
                         self.log({"kind": "diagnostics", "epoch": epoch + 1, "step": step, **self.diagnostics.measure()})
                 if r.checkpoint_every and step % r.checkpoint_every == 0 and b + 1 < n_batches:
+                    self._drain()
                     st["train_seconds"] += time.perf_counter() - t0
                     t0 = time.perf_counter()
                     st["sums"] = {k: v.item() for k, v in W.sum_dict(sums).items()}
                     self.save_checkpoint()
             bar.close()
+            self._drain()
             st["train_seconds"] += time.perf_counter() - t0
             self._end_epoch(epoch, sums)
         self._metrics.flush()
@@ -249,15 +261,30 @@ class Run:
         self.precision.step(self.optimizer)
         return result, y, loss, weight
 
+    def _drain(self) -> None:
+        """Wait for the device's queued work (CUDA), so that a time taken now covers it."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     def _log_step(self, epoch: int, step: int, sums: dict[str, torch.Tensor], loss: torch.Tensor,
                   metrics: dict[str, Any]) -> dict[str, str]:
-        """A step line of ``metrics.jsonl`` (``loss``: this rank's share); the progress bar's figures."""
+        """A step line of ``metrics.jsonl`` (``loss``: this rank's share); the progress bar's figures.
+
+        The running sums, the loss and the method's tensor metrics reach the host in one copy
+        (one ``.tolist()`` of their stack), after the watch's check (one more).
+        """
         self.watch.check()
         reduced = self.workers.sum_dict({**sums, " loss": loss.detach()})
-        loss_value = float(reduced.pop(" loss"))
-        running = self.task.summarise({k: float(v) for k, v in reduced.items()})
+        tensors = {k: v for k, v in metrics.items() if isinstance(v, torch.Tensor)}
+        keys = list(reduced) + [f" metric {k}" for k in tensors]
+        stacked = [(v if v.device == self.device else v.to(self.device)).detach().reshape(()).to(torch.float64)
+                   for v in list(reduced.values()) + list(tensors.values())]
+        values = dict(zip(keys, torch.stack(stacked).tolist()))
+        loss_value = values.pop(" loss")
+        running = self.task.summarise({k: values[k] for k in reduced if k != " loss"})
+        method_metrics = {k: values[f" metric {k}"] if k in tensors else float(v) for k, v in metrics.items()}
         self.log({"kind": "step", "epoch": epoch + 1, "step": step, "loss": loss_value,
-                  **{f"train_{k}": v for k, v in running.items()}, **{k: float(v) for k, v in metrics.items()}})
+                  **{f"train_{k}": v for k, v in running.items()}, **method_metrics})
         return {k: f"{v:.4g}" for k, v in running.items()}
 
     def _end_epoch(self, epoch: int, sums: dict[str, torch.Tensor]) -> None:

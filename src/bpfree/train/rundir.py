@@ -25,7 +25,7 @@ import torch
 
 from ..options import OptionError
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint, save_json, save_text
-from .config import RunConfig, dumps_toml, load_toml, resolve
+from .config import PLACEMENT, RunConfig, dumps_toml, load_toml, resolve
 from .errors import TrainingError
 
 #: Files the loop writes in a run directory (their temporary copies start with ``.NAME.``).
@@ -143,8 +143,10 @@ def config_diff(a: dict[str, dict[str, Any]], b: dict[str, dict[str, Any]]) -> l
 
 
 def _without_device(cfg: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """``cfg`` without the run options of :data:`~bpfree.train.config.PLACEMENT` (device, dist_timeout)."""
     out = {k: dict(v) for k, v in cfg.items()}
-    out.get("run", {}).pop("device", None)
+    for key in PLACEMENT:
+        out.get("run", {}).pop(key, None)
     return out
 
 

@@ -11,7 +11,13 @@ from .errors import TrainingError, as_training_error
 
 
 def resolve_device(name: str, workers: Workers | None = None) -> torch.device:
-    """The device of ``name``; under data parallelism on CUDA, ``cuda:LOCAL_RANK``."""
+    """The device of ``name``; under data parallelism on CUDA, ``cuda:LOCAL_RANK``.
+
+    A CUDA device with an index becomes the process's current CUDA device
+    (``torch.cuda.set_device``), so that whatever allocates on "the" GPU without naming it (cuBLAS
+    and cuDNN handles, ``torch.cuda.synchronize()``, memory statistics, kernels of libraries) uses
+    this one and not ``cuda:0``.
+    """
     workers = workers or Workers()
     if name == "auto":
         dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -34,6 +40,8 @@ def resolve_device(name: str, workers: Workers | None = None) -> torch.device:
         elif dev.index is not None and dev.index >= torch.cuda.device_count():
             raise TrainingError(f"device {name!r} was asked for, but this machine has "
                                 f"{torch.cuda.device_count()} CUDA device(s)")
+        if dev.index is not None:
+            torch.cuda.set_device(dev)
     return dev
 
 

@@ -39,7 +39,7 @@ class FiniteWatch:
         if self._bad_step is None:
             return
         rows = self.workers.gather_tensor(torch.stack([self._bad_step, self._bad_loss]))
-        bad = sorted((int(r[0]), float(r[1])) for r in (r.cpu() for r in rows) if r[0] > 0)
+        bad = sorted((int(step), loss) for step, loss in torch.stack(rows).tolist() if step > 0)  # one copy
         if bad:
             step, value = bad[0]
             kept = (f"The last good checkpoint is kept in {self.out}" if (self.out / "checkpoint.pt").exists()
