@@ -312,3 +312,15 @@ def test_align_flat_leaves_image_points_random_and_moves_the_flat_ones():
         assert torch.equal(g.state.feedback[name], dfa.state.feedback[name])
     assert not torch.allclose(g.state.feedback["fc1_point"], dfa.state.feedback["fc1_point"])
     assert set(g.state.jacobian.mean) == {"fc1_point"}
+
+
+def test_preset_reaches_runs_configured_from_the_command_line():
+    # the run configuration resolves every option; the preset must be applied there, not only in create()
+    from bpfree.train.config import resolve
+
+    cfg = resolve({"run": {"method": "grape", "model": "mlp", "dataset": "mnist"}, "method": {"preset": "grape2025"}})
+    assert cfg.method["rule"] == "rescale" and cfg.method["eta"] == 1e-3 and cfg.method["preset"] == "grape2025"
+    cfg = resolve({"run": {"method": "grape", "model": "mlp", "dataset": "mnist"},
+                   "method": {"preset": "grape2025", "eta": 0.3}})
+    assert cfg.method["rule"] == "rescale" and cfg.method["eta"] == 0.3
+    assert bpfree.methods.create("grape", mlp(), **cfg.method).options.rule == "rescale"

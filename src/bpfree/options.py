@@ -102,6 +102,10 @@ def build(cls: type, values: Mapping[str, Any] | None = None, *, what: str = "")
             f"unknown option{'s' if len(unknown) > 1 else ''}{label}: {', '.join(unknown)}; "
             f"valid options: {', '.join(fields) or '(none)'}"
         )
+    presets = getattr(cls, "preset_defaults", None)
+    if presets is not None:
+        # a named preset supplies defaults for the options not given (given ones win)
+        values = {**presets(values), **values}
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in values.items():

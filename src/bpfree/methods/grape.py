@@ -95,6 +95,11 @@ class GrAPE(DirectFeedback):
                              "or grape2025 (the original rule=rescale, eta=1e-3, cumulative average, 64 samples every 4 steps)",
                              choices=tuple(PRESETS))
 
+        @staticmethod
+        def preset_defaults(values: dict[str, Any]) -> dict[str, Any]:
+            """The preset's option values (an unknown name is left to the ``preset`` check)."""
+            return dict(PRESETS.get(values.get("preset", "published"), {}))
+
         def check(self) -> None:
             super().check()
             if self.spatial_modes < 0:
@@ -120,8 +125,7 @@ class GrAPE(DirectFeedback):
                                   "use it with perturb=activity and points=joint")
 
     def __init__(self, model: nn.Module, **options: Any) -> None:
-        preset = PRESETS.get(options.get("preset", "published"), {})  # an unknown name fails in the options check
-        super().__init__(model, **{**preset, **options})
+        super().__init__(model, **options)  # a preset's defaults are filled in by bpfree.options.build
         self.state.update(
             jacobian=RunningJacobian(self.options.average, self.options.beta),  # Jbar_l per point, (o, n_l)
             norm0={},  # |B_l|_F at the first update, the target of renormalisation
