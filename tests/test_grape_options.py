@@ -180,31 +180,25 @@ def test_calibration_step_equals_a_bp_step(method):
     assert calib == [0, 0, 1, 0, 0, 1]
 
 
-def test_calibration_every_epochs():
-    model = mlp()
+@pytest.mark.parametrize("unit,expected", [
+    ("epochs", [0, 0, 0, 0, 1, 0, 0, 0]),     # the first step after epochs 2 and 4
+    ("epoch-all", [0, 0, 1, 1, 0, 0, 1, 1]),  # epochs 2 and 4 are BP throughout
+])
+def test_calibration_schedules_over_epochs(unit, expected):
     x, y = data()
-    m = bpfree.methods.create("dfa", model, calibrate_every=2, calibrate_unit="epochs")
+    m = bpfree.methods.create("dfa", mlp(), calibrate_every=2, calibrate_unit=unit)
     seen = []
     for epoch in (1, 2, 3, 4):
         for _ in range(2):
             seen.append(m.step(x, y, F.cross_entropy).metrics.get("calibration", 0.0))
         m.on_epoch_end(epoch)
-    # the first step after epochs 2 and 4
-    assert seen == [0, 0, 0, 0, 1, 0, 0, 0]
+    assert seen == expected
 
 
-def test_calibration_on_every_batch_of_every_Tth_epoch():
-    model = mlp()
+def test_epoch_all_with_T_1_makes_the_first_epoch_bp_too():
     x, y = data()
-    m = bpfree.methods.create("dfa", model, calibrate_every=2, calibrate_unit="epoch-all")
-    seen = []
-    for epoch in (1, 2, 3, 4):
-        for _ in range(2):
-            seen.append(m.step(x, y, F.cross_entropy).metrics.get("calibration", 0.0))
-        m.on_epoch_end(epoch)
-    assert seen == [0, 0, 1, 1, 0, 0, 1, 1]  # epochs 2 and 4 are BP throughout
     m = bpfree.methods.create("dfa", mlp(), calibrate_every=1, calibrate_unit="epoch-all")
-    assert m.step(x, y, F.cross_entropy).metrics.get("calibration") == 1.0  # T = 1: every epoch, the first too
+    assert m.step(x, y, F.cross_entropy).metrics.get("calibration") == 1.0
 
 
 def test_feedback_norm_calibration_is_bp_rescaled_to_the_moving_average_of_feedback_gradient_norms():

@@ -25,8 +25,6 @@ the CLI exits with code 2 and one line ``bpfree: error: ...`` on stderr. Input c
 
 from __future__ import annotations
 
-import contextlib
-import io
 import itertools
 import json
 import string
@@ -39,7 +37,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import conftest  # noqa: F401  (registers blobs-test)
-from bpfree import cli, methods, models
+from _cli import assert_one_line_error, run_cli
+from bpfree import methods, models
 from bpfree.train.config import resolve, section_classes
 from bpfree.train.loop import TrainingError, train
 
@@ -224,25 +223,6 @@ def test_odd_values_through_a_real_run(tmp_path, key, value):
 
 
 # --------------------------------------------------------------------------- CLI
-
-
-def run_cli(*argv) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            rc = cli.main([str(a) for a in argv])
-        except SystemExit as exit:  # argparse
-            rc = exit.code
-    return rc, out.getvalue(), err.getvalue()
-
-
-def assert_one_line_error(rc, err, *words):
-    assert rc == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("bpfree: error: "), err
-    assert "Traceback" not in err
-    for w in words:
-        assert w in err, err
 
 
 COMMON = ["--dataset", "blobs-test", "--limit-train", "64", "--limit-test", "32", "--epochs", "1",

@@ -424,9 +424,7 @@ class DirectFeedback(Method):
     def gradient_norm(self) -> torch.Tensor:
         """``sqrt(sum_p |p.grad|^2)`` over the model's parameters (a 0-dim tensor, no host sync)."""
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        if not grads:
-            return torch.zeros(())
-        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+        return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
 
     def track_gradient_norm(self, beta: float = 0.9) -> None:
         """Fold this direct-feedback step's gradient norm into ``state.feedback_grad_norm``
