@@ -118,9 +118,9 @@ class _Link(torch.autograd.Function):
 class CutPass:
     """The record of one forward pass with the graph cut at every feedback point.
 
-    ``output``: the model output ``y`` (``(batch, o)`` or ``(batch, T, o)``), in the head's graph;
-    ``error_at``: the tensor ``e`` is taken at (``y``, or the Head's input ``z``), so ``e`` has its
-    shape; ``shapes``: ``h_l.shape`` per point name, in forward order; ``delivery``: shared with
+    ``output``: the model output ``y`` (``(batch, o)`` or ``(batch, T, o)``), in the head's graph
+    (of a pipeline stage before the last: what the stage hands on); ``error_at``: the tensor ``e`` is
+    taken at (``y``, or the Head's input ``z``), so ``e`` has its shape (``None`` on such a stage); ``shapes``: ``h_l.shape`` per point name, in forward order; ``delivery``: shared with
     the error tap; ``linked``: whether every visited ``h_l`` got a link (its ``B_l`` existed). Optional
     parts: ``points`` (``h_l`` itself, for methods that set ``keeps_points``, and on a pass
     without links); ``tangents`` (``d_l`` per point) and ``output_tangent`` (``u`` at
@@ -130,7 +130,7 @@ class CutPass:
     """
 
     output: torch.Tensor
-    error_at: torch.Tensor
+    error_at: torch.Tensor | None
     shapes: dict[str, torch.Size]
     delivery: Delivery
     linked: bool
@@ -151,6 +151,16 @@ class Estimator:
 
     estimate: Callable[[torch.Tensor, CutPass], dict[str, torch.Tensor]]
     draw: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+
+@dataclass
+class TangentProbe:
+    """What a pipelined estimate pass draws: ``d_l = draw((samples, *h_l features), generator, ...)``
+    at every point in forward order, on the first ``samples`` inputs of the batch."""
+
+    generator: torch.Generator
+    draw: Callable[..., torch.Tensor]
+    samples: int
 
 
 def flat_point(h: torch.Tensor, n: int) -> torch.Tensor:
@@ -244,20 +254,26 @@ class DirectFeedback(Method):
             self.track_gradient_norm()
         return StepResult(loss.detach(), record.output.detach())
 
-    def forward_cut(self, x: torch.Tensor, *, estimator: Estimator | None = None) -> CutPass:
+    def forward_cut(self, x: torch.Tensor, *, estimator: Estimator | None = None, module: nn.Module | None = None,
+                    tapped: bool = True) -> CutPass:
         """One forward pass with the graph cut at every point and every ``h_l`` linked to the tap.
 
         With ``estimator.draw`` the pass runs under forward-mode AD: every point hands the next
         block ``h_l`` detached with tangent ``(incoming tangent) + d_l``, ``d_l = draw(h_l)``; the
         primal keeps its graph for the delivery, and the record gets ``d_l`` and the tangent ``u``
         at ``error_at`` (``u = sum_l J_l d_l``).
+
+        ``module``: run this part of the model instead of the whole (a pipeline stage: a slice of
+        an ``nn.Sequential`` model's children). ``tapped=False``: a stage before the last one, whose
+        output is not where ``e`` is taken: no links and no tap; the record keeps every ``h_l``
+        (``points``), its ``output`` is what the stage hands on and ``error_at`` is ``None``.
         """
         draw = estimator.draw if estimator is not None else None
         delivery = Delivery()
         shapes: dict[str, torch.Size] = {}
         feedback = self.state["feedback"]
         # every visited point links to the tap if it has its B_l; the first step has none yet
-        points = {} if self.keeps_points or len(feedback) < len(self.points) else None
+        points = {} if not tapped or self.keeps_points or len(feedback) < len(self.points) else None
         missing = [False]  # a visited point without B_l: the pass has no links
         autocast = torch.is_autocast_enabled(x.device.type)
         tangents: dict[str, torch.Tensor] | None = {} if draw is not None else None
@@ -280,7 +296,7 @@ class DirectFeedback(Method):
             shapes[name] = h.shape
             if points is not None:
                 points[name] = h
-            if h.requires_grad:
+            if h.requires_grad and tapped:
                 if name in feedback:
                     links.append(self.link(name, h, autocast))
                 else:
@@ -290,12 +306,17 @@ class DirectFeedback(Method):
             d = tangents[name] = draw(h)
             return fwAD.make_dual(h.detach(), d if tangent is None else tangent.detach() + d)
 
-        with handled(self.model, cut, self.markers), (fwAD.dual_level() if draw is not None else contextlib.nullcontext()), \
-                (matched_tangents(self.model) if draw is not None else contextlib.nullcontext()):
-            out = forward_checked(self.model, x)
+        model = self.model if module is None else module
+        with handled(model, cut, self.markers if module is None else None), \
+                (fwAD.dual_level() if draw is not None else contextlib.nullcontext()), \
+                (matched_tangents(model) if draw is not None else contextlib.nullcontext()):
+            out = forward_checked(model, x)
             u = None
             if draw is not None:
                 out, u = fwAD.unpack_dual(out)
+        if not tapped:
+            return CutPass(out, None, shapes, delivery, False, points, tangents, None if u is None else u.detach(),
+                           estimator)
         if at_head:
             error_at, u = at_head[0][0], at_head[0][1] if draw is not None else None
         else:
@@ -351,6 +372,17 @@ class DirectFeedback(Method):
 
     def before_delivery(self, record: CutPass, x: torch.Tensor) -> None:
         """Hook for methods that change ``B_l`` each step (GrAPE) before the signals go out."""
+
+    def check_pipelined(self) -> None:
+        """Refuse options a pipeline-parallel run (:mod:`bpfree.pipeline`) cannot honour."""
+        if self.options.calibrate_every:
+            raise OptionError("calibration (calibrate_every) runs BP steps, which a direct-feedback pipeline does not "
+                              "schedule; train with --pipeline without it")
+
+    def pipeline_probe(self, device: torch.device) -> TangentProbe | None:
+        """The forward-mode tangents this step's feedback update needs from a pipelined pass over the
+        first inputs of the batch (GrAPE on its update steps), or ``None``."""
+        return None
 
     def after_delivery(self, record: CutPass) -> None:
         """Hook for methods that update ``B_l`` from this step's ``h_l`` and ``e`` (DKP)."""

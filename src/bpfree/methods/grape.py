@@ -22,7 +22,7 @@ from ..feedback.estimators import (
 from ..feedback.rules import RENORMS, RULES, update_feedback
 from ..options import OptionError, option
 from . import register
-from .dfa import CutPass, DirectFeedback, Estimator
+from .dfa import CutPass, DirectFeedback, Estimator, TangentProbe
 
 
 #: Named sets of defaults: ``published`` (the defaults of the options below) and ``grape2025``, every
@@ -195,6 +195,24 @@ class GrAPE(DirectFeedback):
         return Estimator(lambda x, record: {name: sample_jacobians(model, x[:k], names, g, only=name, points=markers,
                                                                    draw=tangent)[name]
                                             for name, _ in self.points})
+
+    def check_pipelined(self) -> None:
+        """A pipeline stage sees only its own blocks, so the estimate is the forward-mode one that a
+        pipeline can carry from stage to stage (tangents ``auto`` means ``forward`` there)."""
+        super().check_pipelined()
+        o = self.options
+        if o.perturb != "activity" or o.points != "joint" or o.estimator != "subbatch" or \
+                o.tangents not in ("auto", "forward"):
+            raise OptionError("a pipelined GrAPE estimates J~_l with forward-mode tangents carried through the stages "
+                              "on the sub-batch: use perturb=activity, points=joint, estimator=subbatch and "
+                              "tangents=forward (or auto)")
+
+    def pipeline_probe(self, device: torch.device) -> TangentProbe | None:
+        """On update steps: the tangent stream and draw of the sub-batch estimate (forward mode)."""
+        if not self.update_due():
+            return None
+        return TangentProbe(self.tangent_generator(device), spatial_tangents(self.options.spatial_modes),
+                            self.options.samples)
 
     def before_delivery(self, record: CutPass, x: torch.Tensor) -> None:
         """On update steps: ``J~_l`` from the step's estimator, then :meth:`align`."""
