@@ -245,12 +245,81 @@ def _memory_child(payload: str) -> None:
     print((_status_kib("VmHWM") - base) / 1024.0)
 
 
+def time_pipelined(cfgs: list[RunConfig], repeats: int = 20, warmup: int = 5, group: int | None = None,
+                   data_dir: str | os.PathLike | None = None, threads: int = 0) -> tuple[dict[str, list[float]], int]:
+    """:func:`time_methods` for pipeline-parallel steps: ``cfgs[0].run.pipeline`` processes (one stage
+    each, ``threads`` torch threads each; default: the machine's cores shared out), every method on
+    the same split, micro-batches and process group, alternating. A sample is the mean wall time of
+    ``group`` whole optimizer steps on rank 0, started after a barrier; every step ends with the last
+    stage's broadcast of the batch's output and loss, so rank 0's clock covers the whole pipeline."""
+    import tempfile
+
+    from .distributed import spawn
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "times.json")
+        payload = json.dumps({"configs": [c.to_dict() for c in cfgs], "repeats": repeats, "warmup": warmup,
+                              "group": group, "data_dir": None if data_dir is None else str(data_dir),
+                              "threads": threads, "out": out})
+        spawn(cfgs[0].run.pipeline, _pipeline_worker, payload, device="cpu", timeout=cfgs[0].run.dist_timeout)
+        with open(out) as f:
+            result = json.load(f)
+    return result["times"], result["group"]
+
+
+def _pipeline_worker(payload: str) -> None:
+    import torch.distributed as dist
+
+    from .pipeline import make_pipeline
+
+    spec = json.loads(payload)
+    cfgs = [resolve(c) for c in spec["configs"]]
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
+    rank, device = dist.get_rank(), torch.device("cpu")
+    task = load_task(cfgs[0], device, spec["data_dir"])
+    B = cfgs[0].run.batch_size
+    batches = [task.train_batch(0, 0, i % task.num_batches(B), B) for i in range(4)]
+    contenders = []
+    for cfg in cfgs:
+        c = build(cfg, task, device)
+        r = cfg.run
+        pipe = make_pipeline(c.method, c.model, r.pipeline, rank, r.microbatches, batches[0][0], device,
+                             r.pipeline_schedule)
+        c.method, c.optimizer = pipe, make_optimizer(r, pipe.module.parameters())
+        contenders.append(c)
+    group = spec["group"] or min(10, max(getattr(c.method.method, "period", 1) for c in contenders))
+
+    def run(c: Contender, steps: int, offset: int) -> float:
+        dist.barrier()
+        t0 = time.perf_counter()
+        for i in range(steps):
+            run_step(c, task, *batches[(offset + i) % len(batches)])
+        return time.perf_counter() - t0
+
+    for c in contenders:
+        run(c, spec["warmup"] * group, 0)
+    times: dict[str, list[float]] = {c.name: [] for c in contenders}
+    for rep in range(spec["repeats"]):
+        for c in contenders:
+            times[c.name].append(run(c, group, rep * group) / group)
+    if rank == 0:
+        with open(spec["out"], "w") as f:
+            json.dump({"times": times, "group": group}, f)
+
+
 def bench(cfgs: list[RunConfig], repeats: int = 20, warmup: int = 5, memory: bool = True, progress: bool = True,
-          group: int | None = None, data_dir: str | os.PathLike | None = None) -> list[dict]:
-    """Rows ``{method, median_ms, p25_ms, p75_ms, ratio_to_bp, peak_mem_mb, peak_reserved_mb}`` (ratio
-    to the first method when ``bp`` is not among them; reserved: CUDA only); ``group``,
-    ``data_dir``: see :func:`time_methods`."""
-    times, group = time_methods(cfgs, repeats, warmup, progress, group, data_dir)
+          group: int | None = None, data_dir: str | os.PathLike | None = None, threads: int = 0) -> list[dict]:
+    """Rows ``{method, median_ms, p25_ms, p75_ms, ratio_to_bp, peak_mem_mb, peak_reserved_mb,
+    samples_per_s}`` (ratio to the first method when ``bp`` is not among them; reserved: CUDA only);
+    ``group``, ``data_dir``: see :func:`time_methods`. With run option ``pipeline`` the steps are
+    pipeline-parallel (:func:`time_pipelined`, ``threads`` per process) and memory is not measured."""
+    pipelined = cfgs[0].run.pipeline > 1
+    if pipelined:
+        times, group = time_pipelined(cfgs, repeats, warmup, group, data_dir, threads)
+        memory = False
+    else:
+        times, group = time_methods(cfgs, repeats, warmup, progress, group, data_dir)
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     ref = med.get("bp", next(iter(med.values())))
     rows = []
@@ -264,6 +333,7 @@ def bench(cfgs: list[RunConfig], repeats: int = 20, warmup: int = 5, memory: boo
             "peak_mem_mb": None if allocated is None else round(allocated, 1),
             "peak_reserved_mb": None if reserved is None else round(reserved, 1),
             "steps_per_sample": group,
+            "samples_per_s": round(cfg.run.batch_size / (med[name] / 1e3), 1),
         })
     return rows
 
@@ -276,6 +346,9 @@ def table(rows: list[dict], cfg: RunConfig, repeats: int) -> str:
         p = backends.platform(device, r)
         where = (f"{device} ({p['gpu']}, CUDA {p['cuda']}, tf32 {'on' if p['tf32'] else 'off'}, "
                  f"cudnn_benchmark {'on' if p['cudnn_benchmark'] else 'off'}, CUDA-event timing)")
+    elif r.pipeline > 1:
+        where += (f", pipeline of {r.pipeline} processes (stages) with {r.microbatches} micro-batches, bp on "
+                  f"torch.distributed.pipelining {r.pipeline_schedule}; memory not measured")
     else:
         where += f", {torch.get_num_threads()} threads"
     reserved = any(row.get("peak_reserved_mb") is not None for row in rows)
@@ -284,11 +357,13 @@ def table(rows: list[dict], cfg: RunConfig, repeats: int) -> str:
             + (f", amp {r.amp}" if r.amp != "none" else "") + f", {where}, median of {repeats} samples"
             + (f" (each the mean of {rows[0]['steps_per_sample']} consecutive steps)" if rows and rows[0].get("steps_per_sample", 1) > 1 else "")
             + "\n\n"
-            "| method | median ms/step | p25–p75 ms | ratio to bp | peak memory MB |"
-            + (" peak reserved MB |\n|---|---|---|---|---|---|\n" if reserved else "\n|---|---|---|---|---|\n"))
+            "| method | median ms/step | p25–p75 ms | ratio to bp | "
+            + ("samples/s |\n|---|---|---|---|---|\n" if r.pipeline > 1 else "peak memory MB |"
+               + (" peak reserved MB |\n|---|---|---|---|---|---|\n" if reserved else "\n|---|---|---|---|---|\n")))
     return head + "".join(
         f"| {row['method']} | {row['median_ms']:.2f} | {row['p25_ms']:.2f}–{row['p75_ms']:.2f} | "
-        f"{row['ratio_to_bp']:.3f} | {dash(row['peak_mem_mb'])} |"
-        + (f" {dash(row.get('peak_reserved_mb'))} |" if reserved else "") + "\n"
+        f"{row['ratio_to_bp']:.3f} | "
+        + (f"{row['samples_per_s']:.0f} |" if r.pipeline > 1 else f"{dash(row['peak_mem_mb'])} |"
+           + (f" {dash(row.get('peak_reserved_mb'))} |" if reserved else "")) + "\n"
         for row in rows
     )

@@ -344,14 +344,14 @@ def cmd_bench(args) -> int:
     from .train.config import load_toml
 
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
-    if args.threads:
-        torch.set_num_threads(args.threads)
     base = load_toml(args.config) if args.config else {}
-    cfgs = configs(names, base, args.set, _overrides(args))
+    cfgs = configs(names, base, args.set, _overrides(args, "pipeline"))
+    if args.threads and cfgs[0].run.pipeline < 2:
+        torch.set_num_threads(args.threads)
     if args.group is not None and args.group < 1:
         raise OptionError(f"--group must be at least 1, got {args.group}")
     rows = bench(cfgs, repeats=args.repeats, warmup=args.warmup, memory=not args.no_memory,
-                 progress=not args.no_progress, group=args.group, data_dir=args.data_dir)
+                 progress=not args.no_progress, group=args.group, data_dir=args.data_dir, threads=args.threads)
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
@@ -467,7 +467,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="consecutive steps per timed sample (default: the longest method period, e.g. GrAPE's every)")
     p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice; with "
+                                                           "--pipeline: per process, default cores / stages)")
+    _option_flags(p, "pipeline")
     _run_flags(p)
     p.set_defaults(func=cmd_bench)
 

@@ -63,6 +63,12 @@ class RunOptions:
     deterministic: str = option("off", "deterministic algorithms (torch.use_deterministic_algorithms, cudnn.deterministic, "
                                        "CUBLAS_WORKSPACE_CONFIG): on stops at an op that has none, naming it; warn warns "
                                        "and runs it", choices=("off", "warn", "on"))
+    pipeline: int = option(0, "pipeline parallel: split the model at its feedback points into N stages, one process "
+                              "each (0: off; dfa, grape, drtp, dkp on their forward-only schedule, bp on "
+                              "torch.distributed.pipelining)")
+    microbatches: int = option(4, "pipeline parallel: micro-batches per step (the batch is split with tensor_split)")
+    pipeline_schedule: str = option("1f1b", "pipeline parallel: the schedule of bp (torch.distributed.pipelining)",
+                                    choices=("1f1b", "gpipe"))
     dist_timeout: float = option(300.0, "data parallel: seconds a collective waits for the other processes before "
                                         "the group fails (a rank that died does not leave the others blocked)")
 
@@ -70,6 +76,10 @@ class RunOptions:
         for key in ("epochs", "batch_size", "eval_batch_size", "log_every", "probe_size"):
             if getattr(self, key) < 1:
                 raise OptionError(f"option {key!r} must be at least 1, got {getattr(self, key)}")
+        if self.microbatches < 1:
+            raise OptionError(f"option 'microbatches' must be at least 1, got {self.microbatches}")
+        if self.pipeline == 1 or self.pipeline < 0:
+            raise OptionError(f"option 'pipeline' is the number of stages: 0 (off) or at least 2, got {self.pipeline}")
         for key in ("limit_train", "limit_test", "checkpoint_every", "diagnostics_every"):
             if getattr(self, key) < 0:
                 raise OptionError(f"option {key!r} must not be negative, got {getattr(self, key)}")
