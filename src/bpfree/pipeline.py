@@ -361,7 +361,10 @@ class BackpropPipeline:
     """One rank's stage of BP on the same split: ``torch.distributed.pipelining``'s 1F1B or GPipe.
 
     Each micro-batch's loss is ``w_m L`` (``scale_grads=False``), so the accumulated gradient is the
-    batch mean, as in :class:`FeedbackPipeline`.
+    batch mean, as in :class:`FeedbackPipeline`. The micro-batches are of equal size (that library
+    sizes its buffers from the first): the largest count up to ``microbatches`` that divides the batch;
+    a batch left with fewer micro-batches than stages (a short last batch) runs GPipe, since 1F1B
+    needs at least one per stage.
     """
 
     def __init__(self, method: Method, model: nn.Module, split: Split, stage: int, microbatches: int,
@@ -373,9 +376,11 @@ class BackpropPipeline:
         self.method, self.split, self.stage, self.microbatches = method, split, stage, microbatches
         self.module = split.stage_module(model, stage)
         self.group = _Group(stage, split.stages, device)
-        self._stage = PipelineStage(self.module, stage, split.stages, device)
+        self.device = device
+        self._stage_kind = PipelineStage
         self._kind = Schedule1F1B if schedule == "1f1b" else ScheduleGPipe
-        self._schedules: dict[int, object] = {}
+        self._gpipe = ScheduleGPipe
+        self._schedules: dict[tuple[int, int], object] = {}
         self._loss: tuple[LossFn, int] | None = None
 
     def _weighted_loss(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -384,10 +389,16 @@ class BackpropPipeline:
 
     def step(self, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) -> StepResult:
         n, g = x.shape[0], self.group
-        m = min(self.microbatches, n)
-        if m not in self._schedules:
-            self._schedules[m] = self._kind(self._stage, m, loss_fn=self._weighted_loss, scale_grads=False)
-        schedule = self._schedules[m]
+        # torch.distributed.pipelining sizes a stage's buffers from its first micro-batch, so BP's
+        # micro-batches are equal: the largest count up to `microbatches` that divides the batch,
+        # with a stage and schedule of their own per micro-batch size (a shorter last batch)
+        m = max(d for d in range(1, min(self.microbatches, n) + 1) if n % d == 0)
+        key = (m, n // m)
+        if key not in self._schedules:
+            stage = self._stage_kind(self.module, self.stage, self.split.stages, self.device)
+            kind = self._kind if m >= self.split.stages else self._gpipe  # 1F1B needs M >= S
+            self._schedules[key] = kind(stage, m, loss_fn=self._weighted_loss, scale_grads=False)
+        schedule = self._schedules[key]
         self._loss = (loss_fn, n)
         self.method.state["steps"] = self.method.state.get("steps", 0) + 1
         if self.stage == 0:

@@ -1,0 +1,184 @@
+"""Pipeline parallelism: the split, the micro-batches, and 2- and 3-stage pipelines (gloo) against one process.
+
+Expected values come from what the pipeline is meant to compute:
+
+* the split balances multiply-accumulates: for an MLP 784-64-48-32-24-10 the per-sample cost of a
+  ``Linear(a, b)`` is ``a*b`` plus ``b`` for each element-wise layer after it, so the stage costs are
+  those sums over the children of each stage, and the chosen cuts minimise the largest one (checked
+  against every allowed cut by brute force);
+* the mean loss over the batch is the weighted sum of the micro-batches' mean losses
+  (``w_m = n_m / n``), so each micro-batch's ``e_m`` (and BP's gradients) summed over the
+  micro-batches is the whole batch's, and a pipeline of DFA, DRTP, GrAPE (tangents forward) or BP
+  ends with the weights of one process on the same batches, to float rounding, with ``B_l``
+  identical on every rank to the single process's: every rank creates every ``B_l`` and draws every
+  point's tangents from the method's stream in forward order, as one process does;
+* GrAPE's ``Jbar`` after the steps equals the single process's on every rank.
+
+All pipelined scenarios run in one spawn per world size (one start-up of torch each).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from bpfree import distributed, methods, models
+from bpfree.options import OptionError
+from bpfree.pipeline import PipelineError, _balanced_cuts, make_pipeline, microbatches, split_model
+
+WIDTHS = (64, 48, 32, 24)
+STEPS = 5
+SCENARIOS = {
+    "dfa": ("dfa", {}),
+    "drtp": ("drtp", {}),
+    "grape": ("grape", {"tangents": "forward", "every": 2, "samples": 10}),
+    # the 2025 rule adds noise from the method's stream at every update: the stream stays in step
+    "grape-noise": ("grape", {"tangents": "forward", "rule": "rescale", "noise": 1e-2, "every": 1, "eta": 0.1}),
+    "bp-1f1b": ("bp", {}),
+    "bp-gpipe": ("bp", {}),
+}
+
+
+def build(method: str, options: dict):
+    torch.manual_seed(0)
+    model = models.create("mlp", (1, 28, 28), 10, widths=WIDTHS, activation="tanh")
+    return model, methods.create(method, model, **options)
+
+
+def batches(n: int = 22):
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(n, 1, 28, 28, generator=g), torch.randint(0, 10, (n,), generator=g)) for _ in range(STEPS)]
+
+
+def single_process(method: str, options: dict):
+    model, m = build(method, options)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for x, y in batches():
+        opt.zero_grad(set_to_none=True)
+        m.step(x, y, nn.functional.cross_entropy)
+        opt.step()
+    return model, m
+
+
+def _pipelined(out: str) -> None:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    results = {}
+    for name, (method, options) in SCENARIOS.items():
+        model, m = build(method, options)
+        data = batches()
+        pipe = make_pipeline(m, model, world, rank, 3, data[0][0], torch.device("cpu"),
+                             schedule="gpipe" if name == "bp-gpipe" else "1f1b")
+        opt = torch.optim.SGD(pipe.module.parameters(), lr=0.1)
+        losses = []
+        for x, y in data:
+            opt.zero_grad(set_to_none=True)
+            result = pipe.step(x, y, nn.functional.cross_entropy)
+            opt.step()
+            losses.append(float(result.loss))
+        state = {k: v.tolist() for k, v in pipe.module.state_dict().items()}
+        feedback = {k: v.tolist() for k, v in m.state.get("feedback", {}).items()}
+        jbar = {k: v.tolist() for k, v in m.jacobian_estimates().items()}
+        results[name] = {"state": state, "feedback": feedback, "jbar": jbar, "losses": losses,
+                         "points": pipe.split.points[rank]}
+    with open(f"{out}.{rank}", "w") as f:
+        json.dump(results, f)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_a_pipeline_ends_with_the_single_process_weights_and_feedback(tmp_path, world):
+    out = str(tmp_path / "pipe")
+    distributed.spawn(world, _pipelined, out)
+    ranks = [json.load(open(f"{out}.{r}")) for r in range(world)]
+    for name, (method, options) in SCENARIOS.items():
+        model, m = single_process(method, options)
+        reference = model.state_dict()
+        seen = set()
+        for r, got in enumerate(ranks):
+            got = got[name]
+            assert got["state"], f"{name}: rank {r} trains no parameters"
+            for key, value in got["state"].items():
+                torch.testing.assert_close(torch.tensor(value), reference[key], atol=1e-5, rtol=0,
+                                           msg=lambda s: f"{name}, rank {r}, {key}: {s}")
+                seen.add(key)
+            for key, value in got["feedback"].items():  # every rank holds every B_l, the single process's
+                torch.testing.assert_close(torch.tensor(value), m.state.feedback[key], atol=1e-6, rtol=0)
+            for key, value in got["jbar"].items():
+                torch.testing.assert_close(torch.tensor(value), m.jacobian_estimates()[key], atol=1e-6, rtol=0)
+            if method == "grape":
+                assert set(got["jbar"]) == set(m.jacobian_estimates()) and got["jbar"]
+        assert seen == set(reference), f"{name}: the stages together train every parameter once"
+        # every rank reports the batch's mean loss, the last stage's
+        assert all(ranks[r][name]["losses"] == ranks[0][name]["losses"] for r in range(world))
+    # each stage owns at least one point, and the points are split in forward order
+    order = [p for r in range(world) for p in ranks[r]["dfa"]["points"]]
+    assert order == [n for n, _ in build("dfa", {})[1].points]
+
+
+def mlp_costs(widths=WIDTHS, inputs=784, classes=10):
+    """The MAC estimate per top-level child of the zoo MLP: Flatten (784 element-wise), then per
+    hidden layer Linear (a*b), Tanh (b), FeedbackPoint (b), then the head Linear."""
+    costs, a = [float(inputs)], inputs
+    for b in widths:
+        costs += [float(a * b), float(b), float(b)]
+        a = b
+    return costs + [float(a * classes)]
+
+
+def test_the_split_balances_the_largest_stage_over_every_allowed_cut():
+    model, _ = build("dfa", {})
+    costs = mlp_costs()
+    children = list(model.children())
+    allowed = [i for i, c in enumerate(children[:-1]) if type(c).__name__ == "FeedbackPoint"]
+    for stages in (2, 3, 4):
+        split = split_model(model, stages, torch.randn(2, 1, 28, 28))
+        best = min(max(sum(costs[a:b]) for a, b in zip((0,) + tuple(c + 1 for c in cut),
+                                                      tuple(c + 1 for c in cut) + (len(costs),)))
+                   for cut in itertools.combinations(allowed, stages - 1))
+        assert max(split.costs) == pytest.approx(best)
+        assert sum(split.costs) == pytest.approx(sum(costs))
+        assert [b - a for a, b in split.bounds] and split.bounds[0][0] == 0 and split.bounds[-1][1] == len(children)
+        assert all(split.bounds[i][1] == split.bounds[i + 1][0] for i in range(stages - 1))
+        # the boundaries carry the width of the point they are cut at; the output is (10,)
+        assert all(len(shape) == 1 and shape[0] in WIDTHS for shape in split.boundary)
+        assert split.output == (10,)
+        assert split.point_shapes == {n: (w,) for n, w in zip(split.owner(), WIDTHS)}
+
+
+def test_balanced_cuts_by_hand():
+    # costs 5 | 1 1 | 4 | 2 2, cuts allowed after children 0, 2, 3: two stages -> {0..2 | 3..5}
+    # (7 vs 8: after 0 gives 5 vs 10, after 3 gives 11 vs 4); three stages -> after 0 and 3 (5, 6, 4)
+    assert _balanced_cuts([5, 1, 1, 4, 2, 2], [0, 2, 3], 2) == [2]
+    assert _balanced_cuts([5, 1, 1, 4, 2, 2], [0, 2, 3], 3) == [0, 3]
+
+
+def test_microbatches_split_like_tensor_split_with_their_share_of_the_batch():
+    x, y = torch.arange(10.0)[:, None], torch.arange(10)
+    parts = microbatches(x, y, 4)
+    assert [p[0].shape[0] for p in parts] == [3, 3, 2, 2]
+    assert [p[2] for p in parts] == [0.3, 0.3, 0.2, 0.2]
+    assert torch.equal(torch.cat([p[1] for p in parts]), y)
+    assert len(microbatches(x[:2], y[:2], 4)) == 2  # never an empty micro-batch
+
+
+def test_what_a_pipeline_cannot_split_or_train_is_refused_in_one_line():
+    x = torch.randn(2, 1, 28, 28)
+    model, fa = build("fa", {})
+    with pytest.raises(PipelineError, match="method 'fa' has no pipeline schedule"):
+        make_pipeline(fa, model, 2, 0, 2, x, torch.device("cpu"))
+    with pytest.raises(PipelineError, match="need 4 cuts"):
+        split_model(models.create("mlp", (1, 28, 28), 10, widths=(8, 8)), 5, x)
+    with pytest.raises(PipelineError, match="at least 2 stages"):
+        split_model(model, 1, x)
+    with pytest.raises(PipelineError, match="nn.Sequential"):
+        split_model(models.create("resnet20", (3, 32, 32), 10), 2, torch.randn(2, 3, 32, 32))
+    for options, match in (({"estimator": "train-pass"}, "forward-mode tangents"),
+                           ({"tangents": "central"}, "forward-mode tangents"),
+                           ({"calibrate_every": 5}, "calibration")):
+        model, m = build("grape", options)
+        with pytest.raises(OptionError, match=match):
+            make_pipeline(m, model, 2, 0, 2, x, torch.device("cpu"))
