@@ -47,6 +47,7 @@ from ..feedback.estimators import matched_tangents
 from ..feedback.matrices import init_feedback, point_width, project
 from ..options import OptionError, option
 from ..points import all_points, feedback_points, handled, head_marker
+from ..streams import BlockStreams, StreamPass
 from . import register
 from .base import LossFn, Method, MethodGenerator, StepResult
 from .guards import forward_checked
@@ -207,6 +208,10 @@ class DirectFeedback(Method):
                                       "average), so that one BP step does not jolt the optimizer's moment estimates",
                                       choices=("none", "feedback-norm"))
 
+        parallel: str = option("none", "streams: each block's forward and backward on its own CUDA stream, so the "
+                               "blocks' backward passes run concurrently on one GPU (bpfree.streams; no effect on "
+                               "the CPU)", choices=("none", "streams"))
+
         def check(self) -> None:
             if self.calibrate_every < 0:
                 raise OptionError(f"option 'calibrate_every' must not be negative, got {self.calibrate_every}")
@@ -222,6 +227,7 @@ class DirectFeedback(Method):
         self.names = {id(p): n for n, p in self.points}
         self.head = head_marker(model)
         self.markers = all_points(model)  # the points and the Head, for handled()
+        self.block_streams = BlockStreams()  # parallel=streams: the CUDA streams, one per block (made once)
         self.state.update(
             feedback={},                    # B_l per point name, (n_l, o)
             generator=MethodGenerator(self.options.seed),
@@ -243,19 +249,21 @@ class DirectFeedback(Method):
         self.state["steps"] += 1
         if self.calibration_due():
             return self.calibration_step(x, y, loss_fn)
-        record = self.forward_cut(x, estimator=self.estimator_for_step(x.device))
+        streams = self.block_streams.forward(x.device, self.options.parallel == "streams")
+        record = self.forward_cut(x, estimator=self.estimator_for_step(x.device), streams=streams)
         self.ensure_feedback(record)
         self.before_delivery(record, x)
         record.delivery.target = self.link_target(record, y)
         loss = loss_fn(record.output, y)
         self.deliver(record, loss)
+        streams.join()
         self.after_delivery(record)
         if self.options.calibrate_every and self.options.calibrate_scale == "feedback-norm":
             self.track_gradient_norm()
         return StepResult(loss.detach(), record.output.detach())
 
     def forward_cut(self, x: torch.Tensor, *, estimator: Estimator | None = None, module: nn.Module | None = None,
-                    tapped: bool = True) -> CutPass:
+                    tapped: bool = True, streams: StreamPass | None = None) -> CutPass:
         """One forward pass with the graph cut at every point and every ``h_l`` linked to the tap.
 
         With ``estimator.draw`` the pass runs under forward-mode AD: every point hands the next
@@ -267,6 +275,8 @@ class DirectFeedback(Method):
         an ``nn.Sequential`` model's children). ``tapped=False``: a stage before the last one, whose
         output is not where ``e`` is taken: no links and no tap; the record keeps every ``h_l``
         (``points``), its ``output`` is what the stage hands on and ``error_at`` is ``None``.
+        ``streams``: the pass switches to the next block's CUDA stream at every point
+        (:mod:`bpfree.streams`), so each block's backward runs on its own stream.
         """
         draw = estimator.draw if estimator is not None else None
         delivery = Delivery()
@@ -301,6 +311,8 @@ class DirectFeedback(Method):
                     links.append(self.link(name, h, autocast))
                 else:
                     missing[0] = True
+            if streams is not None:
+                streams.next_block()
             if draw is None:
                 return h.detach()
             d = tangents[name] = draw(h)
@@ -311,6 +323,8 @@ class DirectFeedback(Method):
                 (fwAD.dual_level() if draw is not None else contextlib.nullcontext()), \
                 (matched_tangents(model) if draw is not None else contextlib.nullcontext()):
             out = forward_checked(model, x)
+            if streams is not None:
+                streams.end_forward()
             u = None
             if draw is not None:
                 out, u = fwAD.unpack_dual(out)
