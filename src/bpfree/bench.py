@@ -280,12 +280,13 @@ def _pipeline_worker(payload: str) -> None:
     task = load_task(cfgs[0], device, spec["data_dir"])
     B = cfgs[0].run.batch_size
     batches = [task.train_batch(0, 0, i % task.num_batches(B), B) for i in range(4)]
-    contenders = []
+    contenders, split = [], None
     for cfg in cfgs:
         c = build(cfg, task, device)
         r = cfg.run
         pipe = make_pipeline(c.method, c.model, r.pipeline, rank, r.microbatches, batches[0][0], device,
-                             r.pipeline_schedule)
+                             r.pipeline_schedule, split=split)
+        split = pipe.split  # every method on the split measured for the first
         c.method, c.optimizer = pipe, make_optimizer(r, pipe.module.parameters())
         contenders.append(c)
     group = spec["group"] or min(10, max(getattr(c.method.method, "period", 1) for c in contenders))

@@ -5,8 +5,8 @@ The split
 A model whose top level is an ``nn.Sequential`` (the zoo's ``mlp``, ``cnn``, ``alexnet``, ``vgg*``, or
 any model given ``bpfree.attach``) is cut after ``S - 1`` of its top-level :class:`FeedbackPoint`
 children into ``S`` contiguous stages (:func:`split_model`): stage ``s`` runs on rank ``s`` of the
-process group. The cuts balance an estimate of each child's multiply-accumulates (one pass over two
-samples at set-up), so each stage does about the same work. Every rank builds the whole model from the
+process group. The cuts balance each child's forward time, measured on a micro-batch at set-up
+(rank 0's measurement, for every rank), so each stage does about the same work. Every rank builds the whole model from the
 same configuration and seed (so its weights start as a single process's would) and trains only its
 own stage's parameters; the optimizer of rank ``s`` holds only those.
 
@@ -51,6 +51,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
+import statistics
+import time
 from dataclasses import dataclass
 
 import torch
@@ -85,8 +87,8 @@ class Split:
     ``bounds[s] = (a, b)``: stage ``s`` runs the model's top-level children ``a .. b-1``;
     ``points[s]``: its feedback points' names; ``point_shapes``: every point's per-sample shape, in
     forward order; ``boundary[s]``: the per-sample shape of what stage ``s`` hands to ``s + 1``
-    (``S - 1`` entries); ``output``: the model output's per-sample shape; ``costs``: the estimated
-    multiply-accumulates per sample of each stage.
+    (``S - 1`` entries); ``output``: the model output's per-sample shape; ``costs``: what the split
+    balanced, per stage (seconds of forward time, or multiply-accumulates per sample).
     """
 
     bounds: list[tuple[int, int]]
@@ -124,12 +126,20 @@ def _macs_hook(counts: list[float], index: int):
     return hook
 
 
-def split_model(model: nn.Module, stages: int, example: torch.Tensor) -> Split:
+def split_model(model: nn.Module, stages: int, example: torch.Tensor, balance: str = "time",
+                repeats: int = 3) -> Split:
     """Cut ``model`` into ``stages`` contiguous stages after top-level feedback points (balanced).
 
-    ``example``: a batch of inputs (two samples are used) for the shape and cost pass, run in
-    evaluation mode without autograd (nothing of the model changes).
+    ``example``: a batch of inputs (a micro-batch) for the shape and cost pass, run in evaluation
+    mode without autograd (nothing of the model changes). ``balance``: what the cuts balance:
+    ``time``, the median over ``repeats`` passes of each top-level child's measured forward time on
+    ``example`` (what a stage really costs: element-wise layers on large maps weigh more than their
+    arithmetic); ``macs``, the multiply-accumulates per sample (deterministic). Under
+    ``torch.distributed`` a measured split can differ between processes: :func:`make_pipeline`
+    takes rank 0's.
     """
+    if balance not in ("time", "macs"):
+        raise PipelineError(f"balance must be time or macs, got {balance!r}")
     if stages < 2:
         raise PipelineError(f"a pipeline needs at least 2 stages, got {stages}")
     if not isinstance(model, nn.Sequential):
@@ -158,16 +168,27 @@ def split_model(model: nn.Module, stages: int, example: torch.Tensor) -> Split:
 
     was_training = model.training
     model.eval()
+    seconds: list[list[float]] = [[] for _ in children]
     try:
         with torch.no_grad(), handled(model, record):
             h = example[:2]
             for i, (_, child) in enumerate(children):
                 h = child(h)
                 outputs[i] = tuple(h.shape[1:])
+            for hook in hooks:
+                hook.remove()
+            for _ in range(repeats if balance == "time" else 0):
+                h = example
+                for i, (_, child) in enumerate(children):
+                    t0 = time.perf_counter()
+                    h = child(h)
+                    seconds[i].append(time.perf_counter() - t0)
     finally:
         for hook in hooks:
             hook.remove()
         model.train(was_training)
+    if balance == "time":
+        counts = [statistics.median(t) for t in seconds]
     ends = _balanced_cuts(counts, cuts, stages)
     bounds = [(a, b) for a, b in zip([0] + [c + 1 for c in ends], [c + 1 for c in ends] + [len(children)])]
     stage_points = [[names[id(m)] for _, child in children[a:b] for m in child.modules() if id(m) in names]
@@ -320,32 +341,45 @@ class FeedbackPipeline:
 
     def align(self, x: torch.Tensor, probe: TangentProbe) -> None:
         """GrAPE's update across the stages: tangents for every point (drawn on every rank alike), a
-        forward-mode pass through the stages, ``u`` broadcast, ``J~_l`` and the ``B_l`` update for all."""
+        forward-mode pass through the stages in micro-batches, ``u`` broadcast, ``J~_l`` and the
+        ``B_l`` update for all points.
+
+        The pass over the ``k`` probed inputs is split like the training batch, so the stages work
+        on it concurrently; per-sample, its ``u`` rows are those of one pass over all ``k`` (with
+        BatchNorm each chunk normalises with its own statistics).
+        """
         g, split, s = self.group, self.split, self.stage
         k = min(probe.samples, x.shape[0])
         d = {name: probe.draw((k, *shape), probe.generator, x.device, x.dtype)
              for name, shape in split.point_shapes.items()}
         names = self.names
+        rows = torch.arange(k).tensor_split(min(self.microbatches, k))
+        chunk: list[slice] = [slice(0, 0)]
 
         def inject(point: FeedbackPoint, h: torch.Tensor) -> torch.Tensor:
             primal, tangent = fwAD.unpack_dual(h)
-            dl = d[names[id(point)]]
+            dl = d[names[id(point)]][chunk[0]]
             return fwAD.make_dual(primal, dl if tangent is None else tangent + dl)
 
+        sends, outputs = [], []
         with torch.no_grad(), fwAD.dual_level(), handled(self.module, inject), preserved_buffers(self.module), \
                 matched_tangents(self.module):
-            if s == 0:
-                inp = x[:k]
-            else:
-                shape = (k, *split.boundary[s - 1])
-                inp = fwAD.make_dual(g.recv(shape, s - 1, TAG_TANGENT), g.recv(shape, s - 1, TAG_TANGENT))
-            primal, tangent = fwAD.unpack_dual(self.module(inp))
-        if s != g.last:
-            dist.send(primal.contiguous(), s + 1, tag=TAG_TANGENT)
-            dist.send(tangent.contiguous(), s + 1, tag=TAG_TANGENT)
-            u = torch.empty((k, *split.output), device=x.device)
-        else:
-            u = tangent.contiguous()
+            for r in rows:
+                chunk[0] = slice(int(r[0]), int(r[-1]) + 1)
+                if s == 0:
+                    inp = x[chunk[0]]
+                else:
+                    shape = (len(r), *split.boundary[s - 1])
+                    inp = fwAD.make_dual(g.recv(shape, s - 1, TAG_TANGENT), g.recv(shape, s - 1, TAG_TANGENT))
+                primal, tangent = fwAD.unpack_dual(self.module(inp))
+                if s != g.last:
+                    for t in (primal.contiguous(), tangent.contiguous()):
+                        sends.append((dist.isend(t, s + 1, tag=TAG_TANGENT), t))
+                else:
+                    outputs.append(tangent)
+        for work, _ in sends:
+            work.wait()
+        u = torch.cat(outputs).contiguous() if s == g.last else torch.empty((k, *split.output), device=x.device)
         dist.broadcast(u, g.last)
         estimates = {name: outer_mean(u, dl) for name, dl in d.items()}
         record = CutPass(u, u, {name: torch.Size((k, *shape)) for name, shape in split.point_shapes.items()},
@@ -414,14 +448,24 @@ class BackpropPipeline:
 
 
 def make_pipeline(method: Method, model: nn.Module, stages: int, stage: int, microbatches: int,
-                  example: torch.Tensor, device: torch.device, schedule: str = "1f1b"):
-    """This rank's stage of a pipeline over ``stages`` processes (``stage``: this rank)."""
+                  example: torch.Tensor, device: torch.device, schedule: str = "1f1b", balance: str = "time",
+                  split: Split | None = None):
+    """This rank's stage of a pipeline over ``stages`` processes (``stage``: this rank).
+
+    ``example``: a training batch; its first micro-batch measures the split (:func:`split_model`),
+    unless ``split`` is given (methods compared on one split share it).
+    """
     if method.name not in PIPELINED_METHODS:
         raise PipelineError(f"method {method.name!r} has no pipeline schedule; --pipeline trains "
                             f"{', '.join(PIPELINED_METHODS)}")
     if microbatches < 1:
         raise PipelineError(f"microbatches must be at least 1, got {microbatches}")
-    split = split_model(model, stages, example)
+    if split is None:
+        split = split_model(model, stages, example[: max(1, math.ceil(example.shape[0] / microbatches))], balance)
+        if dist.is_initialized():  # a measured split may differ between processes: rank 0's for all
+            box = [split]
+            dist.broadcast_object_list(box, src=0)
+            split = box[0]
     if method.name == "bp":
         return BackpropPipeline(method, model, split, stage, microbatches, device, schedule)
     return FeedbackPipeline(method, model, split, stage, microbatches, device)
