@@ -6,7 +6,9 @@ kind, each kind a module:
 * ``train`` (:mod:`.train`): training runs, one table row per variant (x grid point), over seeds;
 * ``toy`` (:mod:`.toy`): the feedback rules against a fixed target (REFERENCE question 5);
 * ``estimate`` (:mod:`.estimate`): Jacobian estimate quality vs number of samples (question 4);
-* ``bench`` (:mod:`.bench`): time and memory per step over depth and width (question 6).
+* ``bench`` (:mod:`.bench`): time and memory per step over depth and width (question 6);
+* ``pipeline`` (:mod:`.pipeline`): measured per-block costs, and the step time and activation
+  memory of BP (GPipe, 1F1B) and DFA pipelines predicted from them by :mod:`.pipeline_sim`.
 
 :func:`run` (in :mod:`.runner`) skips finished jobs and resumes interrupted ones; :func:`render`
 draws a results folder's table and figures again from its ``results.json``; published numbers are

@@ -1,6 +1,6 @@
 """Running an experiment: plan its jobs, skip what is done, run the rest, write table and figures.
 
-Each kind (:mod:`.train`, :mod:`.toy`, :mod:`.estimate`, :mod:`.bench`) provides
+Each kind (:mod:`.train`, :mod:`.toy`, :mod:`.estimate`, :mod:`.bench`, :mod:`.pipeline`) provides
 
 * ``PARAMS``: the dataclass of its ``[kind]`` section (``None`` for train),
 * ``jobs(spec, scale, seeds, root)``: its jobs, every configuration checked,
@@ -30,11 +30,11 @@ from tqdm.auto import tqdm
 
 from ..options import OptionError
 from ..train.checkpoint import save_json
-from . import bench, estimate, toy, train
+from . import bench, estimate, pipeline, toy, train
 from .common import DONE, FAILED, Job, cache_status, load_result, to_json
 from .spec import Spec
 
-KIND_MODULES = {"train": train, "toy": toy, "estimate": estimate, "bench": bench}
+KIND_MODULES = {"train": train, "toy": toy, "estimate": estimate, "bench": bench, "pipeline": pipeline}
 
 
 @dataclass

@@ -3,7 +3,7 @@
 Schema (every key below is checked; an unknown one is an error naming the file and the key)::
 
     title = "Shallow CNN: BP, FA, DFA, GrAPE (with and without calibration)"
-    kind = "train"              # train | toy | estimate | bench
+    kind = "train"              # train | toy | estimate | bench | pipeline
     questions = ["main"]        # "main" and/or REFERENCE questions "Q1" ... "Q6"
     description = "what it measures and why"
     published = [               # the published numbers it compares with (schema: .published)
@@ -13,7 +13,7 @@ Schema (every key below is checked; an unknown one is an error naming the file a
     published_compare = { source = "grape-2026", dataset = "cifar10" }  # optional: which published
                                 # setting rows are set against where several fit
 
-    [base]                      # kind train and bench: a run configuration as for --config:
+    [base]                      # kinds train, bench, pipeline: a run configuration as for --config:
     [base.run]                  # [base.run], [base.model], [base.method], [base.data] sections
     [base.model]                # and/or flat keys (any key --set accepts, NAME.key for one method)
 
@@ -23,7 +23,8 @@ Schema (every key below is checked; an unknown one is an error naming the file a
     [scales.quick.grid]         #   optional: replaces [grid] entries of the same key at this scale
     [scales.full]
 
-    [[variants]]                # kind train: one table row each (at every grid point)
+    [[variants]]                # kind train: one table row each (at every grid point); kind
+                                #   pipeline: one model each (its rows of the table)
     name = "dfa+calib"          #   the row label; every other key is a --set key
     method = "dfa"
     quick.calibrate_every = 10  #   keys under a scale's name apply at that scale only
@@ -32,9 +33,10 @@ Schema (every key below is checked; an unknown one is an error naming the file a
     [grid]                      # kind train, optional: KEY = [v1, v2, ...]; the cartesian product
     model = ["alexnet", "vgg16"]#   of its points with the variants (row label gains "key=v")
 
-    [toy] / [estimate] / [bench]   # kinds toy, estimate, bench: the kind's parameters
-                                   # (see bpfree.experiment.toy, .estimate, .bench); scale keys
-                                   # override them (bench: other scale keys go to the run config)
+    [toy] / [estimate] / [bench] / [pipeline]   # kinds toy, estimate, bench, pipeline: the kind's
+                                   # parameters (see bpfree.experiment.toy, .estimate, .bench,
+                                   # .pipeline); scale keys override them (bench, pipeline: other
+                                   # scale keys go to the run config)
 
 Experiments are the ``*.toml`` files with a ``kind`` in :func:`experiments_dir`: ``$BPFREE_EXPERIMENTS``
 or ``./experiments``. Files without ``kind`` (such as ``demo.toml``, a plain ``--config`` file) are
@@ -54,10 +56,12 @@ from ..train.config import SECTIONS, load_toml
 from . import published as pub
 from .published import Entry
 
-KINDS = ("train", "toy", "estimate", "bench")
+KINDS = ("train", "toy", "estimate", "bench", "pipeline")
+CONFIG_KINDS = ("train", "bench", "pipeline")  # kinds that take a run configuration in [base]
+VARIANT_KINDS = ("train", "pipeline")  # kinds whose rows are [[variants]] (train: also a [grid])
 SCALES = ("quick", "medium", "full")
 TOP_KEYS = ("title", "kind", "questions", "description", "published", "published_compare", "base", "scales",
-            "variants", "grid", "toy", "estimate", "bench")
+            "variants", "grid", "toy", "estimate", "bench", "pipeline")
 SCALE_KEYS = ("seeds", "assumed", "grid")
 QUESTION = re.compile(r"^(main|Q[1-9][0-9]*)$")
 
@@ -196,7 +200,7 @@ def load_spec(path: str | Path) -> Spec:
     base = data.get("base", {})
     if not isinstance(base, dict):
         _fail(path, "base", f"must be a table, got {base!r}")
-    if base and kind not in ("train", "bench"):
+    if base and kind not in CONFIG_KINDS:
         _fail(path, "base", f"kind {kind!r} takes no run configuration; its parameters go in [{kind}]")
     for key, value in base.items():
         if key in SECTIONS and isinstance(value, dict):
@@ -205,7 +209,7 @@ def load_spec(path: str | Path) -> Spec:
         else:
             _plain(path, f"base.{key}", value)
 
-    for other in ("toy", "estimate", "bench"):
+    for other in ("toy", "estimate", "bench", "pipeline"):
         if other in data and other != kind:
             _fail(path, other, f"is the section of kind {other!r}, but this experiment's kind is {kind!r}")
     params = data.get(kind, {}) if kind != "train" else {}
@@ -236,9 +240,9 @@ def load_spec(path: str | Path) -> Spec:
 
     variants = data.get("variants", [])
     grid = _grid(path, "grid", data.get("grid", {}))
-    if kind == "train":
+    if kind in VARIANT_KINDS:
         if not isinstance(variants, list) or not variants:
-            _fail(path, "variants", "kind 'train' needs at least one [[variants]] table (with a name)")
+            _fail(path, "variants", f"kind {kind!r} needs at least one [[variants]] table (with a name)")
         names = set()
         for i, v in enumerate(variants):
             where = f"variants[{i}]"
@@ -263,11 +267,10 @@ def load_spec(path: str | Path) -> Spec:
                 clash = sorted((set(grid) | set(scale.grid)) & keys)
                 if clash:
                     _fail(path, f"{where}.{clash[0]}", "is also a grid key: set it in one place only")
-    else:
-        if "variants" in data:
-            _fail(path, "variants", f"variants belong to kind 'train' only (this is {kind!r})")
-        if grid:
-            _fail(path, "grid", f"a grid belongs to kind 'train' only (this is {kind!r})")
+    elif "variants" in data:
+        _fail(path, "variants", f"variants belong to kinds {' and '.join(VARIANT_KINDS)} only (this is {kind!r})")
+    if grid and kind != "train":
+        _fail(path, "grid", f"a grid belongs to kind 'train' only (this is {kind!r})")
     return Spec(
         name=path.stem, path=path, title=title, kind=kind, questions=list(questions),
         description=_text(path, data, "description"), published=pub.parse(path, data.get("published")),
