@@ -11,7 +11,12 @@ Expected values come from what data parallelism is meant to compute:
   stream (``worker_rank``), and ``B_l`` is identical on every rank; the ranks' tangent streams
   differ, while the shared generator (``B_l``'s initialisation and noise) agrees bit for bit; with the feedback update off (``eta=0, noise=0``) GrAPE is DFA with a fixed
   ``B_l`` and ends with the single-process weights;
-* a checkpoint written by 2 processes resumes on 1 and ends where an uninterrupted run ends.
+* a checkpoint written by 2 processes resumes on 1 and ends where an uninterrupted run ends;
+* the overlapped reduction (``overlap_reduction=true``) computes the same sums as the reduction
+  after the backward pass, so every method ends with the same weights either way, also a method
+  that calls backward twice, one that rescales ``.grad`` in place after backward, and one that
+  touches ``.grad`` on one rank only (the ranks must agree to reduce again); in one process, with
+  a fake all-reduce, the buckets are cut and launched as documented.
 
 All scenarios run in one spawn of two processes (one start-up of torch), a few seconds in all.
 
@@ -62,6 +67,18 @@ SCENARIOS = {
     "bp-part": dict(method="bp", checkpoint_every=3),  # stopped after 5 steps, resumed on 1 process
 }
 STOP_AFTER = 5
+#: Scenarios run with overlap_reduction=true, each against the scenario named beside it (run without).
+OVERLAP = {
+    "bp-overlap": ("bp", dict(method="bp")),
+    "dfa-overlap": ("dfa", dict(method="dfa")),
+    "bp-twice-overlap": ("bp", dict(method="test-twice-bp")),  # backward twice: stale buckets, reduced again
+    "bp-touch-overlap": ("bp", dict(method="test-touch-bp")),  # .grad touched on rank 1 only
+    "dfa-calibrated": ("dfa-calibrated", dict(method="dfa", calibrate_every=3, calibrate_scale="feedback-norm")),
+    "dfa-calibrated-overlap": ("dfa-calibrated", dict(method="dfa", calibrate_every=3,
+                                                      calibrate_scale="feedback-norm")),
+}
+#: Small buckets, so that the 16-16 MLP's gradients travel in several (4).
+SMALL_BUCKET = 512
 
 
 def library_methods() -> list[str]:
@@ -97,18 +114,28 @@ def _worker(root: str) -> None:
             if name.startswith("grape") else None  # this rank's tangent stream at its last step
         torch.save({"model": run.model.state_dict(), "method": run.method.state_dict(), "tangents": probe,
                     "worker_rank": run.method.worker_rank}, root / f"{name}.rank{workers.rank}.pt")
-    for method in library_methods():  # every method trains under data parallelism
-        run = Run(make_cfg(method=method, epochs=1, limit_train=96, log_every=1), root / f"all-{method}",
-                  progress=False)
+    distributed.OVERLAP_BUCKET_BYTES = SMALL_BUCKET  # this worker process only
+    for name, (_, over) in OVERLAP.items():
+        overlap = name.endswith("-overlap")
+        run = Run(make_cfg(**over, overlap_reduction=overlap), root / name, progress=False)
         run.fit()
-        torch.save({"model": run.model.state_dict(), "method": distributed.state_checksum(run.method.state_dict())},
-                   root / f"all-{method}.rank{workers.rank}.pt")
+        stats = dict(run.parallel.overlap.stats) if overlap else None
+        torch.save({"model": run.model.state_dict(), "stats": stats}, root / f"{name}.rank{workers.rank}.pt")
+    for method in library_methods():  # every method trains under data parallelism, with either reduction
+        for overlap in (False, True):
+            name = f"all-{method}" + ("-overlap" if overlap else "")
+            run = Run(make_cfg(method=method, epochs=1, limit_train=96, log_every=1, overlap_reduction=overlap),
+                      root / name, progress=False)
+            run.fit()
+            torch.save({"model": run.model.state_dict(), "method": distributed.state_checksum(run.method.state_dict()),
+                        "stats": dict(run.parallel.overlap.stats) if overlap else None},
+                       root / f"{name}.rank{workers.rank}.pt")
 
 
 @pytest.fixture(scope="module")
 def ddp_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
-    distributed.spawn(WORLD, _worker, str(root))
+    distributed.spawn(WORLD, _worker, str(root), timeout=120)  # ranks out of step fail, not hang
     return root
 
 
@@ -155,6 +182,161 @@ def test_every_method_trains_with_identical_weights_on_every_rank(ddp_runs, meth
     assert torch.equal(a["method"], b["method"])  # method state in step after the final checkpoint
     summary = json.loads((ddp_runs / f"all-{method}" / "summary.json").read_text())
     assert summary["processes"] == WORLD and summary["steps"] == 3
+
+
+@pytest.mark.parametrize("name", [n for n in OVERLAP if n.endswith("-overlap")])
+def test_overlapped_reduction_ends_with_the_weights_of_the_reduction_after_backward(ddp_runs, name):
+    """Same sums, so the same weights (to float rounding), on every rank, over 14 steps (uneven last batches)."""
+    ref = OVERLAP[name][0]
+    for rank in range(WORLD):
+        got = final(ddp_runs, name, rank)
+        assert_same(got["model"], final(ddp_runs, ref, rank)["model"], rtol=0, atol=1e-6)
+        stats = got["stats"]
+        assert stats["steps"] == 13  # the first step is reduced after backward, once .grad is checked
+        if name in ("bp-overlap", "dfa-overlap"):  # every bucket left during backward, none again
+            assert stats == {"steps": 13, "buckets": 13 * 4, "early": 13 * 4, "fallbacks": 0}
+        elif name == "dfa-calibrated-overlap":  # BP steps 3, 6, ... (state steps 0, 3, ...) rescale .grad in place
+            assert stats["fallbacks"] == 4 and stats["early"] == 13 * 4
+        else:  # every step: the second backward (or rank 1's touch) came after the buckets had left
+            assert stats["fallbacks"] == 13 and stats["early"] == 13 * 4
+    assert_same(final(ddp_runs, name, 0)["model"], final(ddp_runs, name, 1)["model"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", library_methods())
+def test_every_method_ends_with_the_same_weights_with_the_overlapped_reduction(ddp_runs, method):
+    for rank in range(WORLD):
+        got, ref = final(ddp_runs, f"all-{method}-overlap", rank), final(ddp_runs, f"all-{method}", rank)
+        assert_same(got["model"], ref["model"], rtol=0, atol=1e-6)
+        assert got["stats"]["steps"] == 2
+    a, b = final(ddp_runs, f"all-{method}-overlap", 0), final(ddp_runs, f"all-{method}-overlap", 1)
+    assert_same(a["model"], b["model"], rtol=0, atol=0)
+    if method == "fg-weight":  # .grad assigned, no backward: every bucket leaves in finish()
+        assert a["stats"]["early"] == 0 and a["stats"]["buckets"] == 2 * 4
+
+
+class FakeReduce:
+    """A stand-in for ``dist.all_reduce`` on a world of two whose other rank sends the same tensor:
+    the sum doubles it, applied only at ``wait()`` for an async call (as a real one may be)."""
+
+    def __init__(self):
+        self.calls = []  # (async, a copy of what was sent)
+
+    def __call__(self, t, async_op=False):
+        self.calls.append((async_op, t.clone()))
+        if not async_op:
+            t.mul_(2)
+            return None
+
+        class Work:
+            def wait(self):
+                t.mul_(2)
+
+        return Work()
+
+
+def _tiny():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    x, y = torch.randn(6, 16), torch.randint(0, 4, (6,))
+    return model, lambda: torch.nn.functional.cross_entropy(model(x), y)
+
+
+def _grads(model):
+    return [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+
+
+def test_overlapped_reduction_buckets_and_sums_with_a_fake_all_reduce():
+    model, loss = _tiny()
+    loss().backward()
+    g = _grads(model)  # w1 (8, 16), b1 (8,), w2 (4, 8), b2 (4,)
+    w = 0.25
+    fake = FakeReduce()
+    model.zero_grad(set_to_none=True)
+    with distributed.OverlappedReduction(model, bucket_bytes=160, all_reduce=fake) as ov:
+        # reverse registration order, a new bucket past 160 bytes: b2 + w2 = 16 + 128, then b1 (32), then w1 (512)
+        assert [[tuple(p.shape) for p in b] for b in ov.buckets] == [[(4,), (4, 8)], [(8,)], [(8, 16)]]
+        ov.begin(w)
+        loss().backward()
+        assert [a for a, _ in fake.calls] == [True] * 3  # all three left during backward...
+        torch.testing.assert_close(fake.calls[0][1], w * torch.cat([g[3], g[2].reshape(-1)]), rtol=0, atol=0)
+        torch.testing.assert_close(fake.calls[2][1], w * g[0].reshape(-1), rtol=0, atol=0)
+        assert torch.equal(model[0].weight.grad, g[0])  # ...and .grad is untouched until finish()
+        ov.finish()
+        for p, gp in zip(model.parameters(), g):
+            torch.testing.assert_close(p.grad, 2 * w * gp, rtol=0, atol=0)  # sum over the two "ranks"
+        assert fake.calls[3][0] is False and fake.calls[3][1].tolist() == [0.0]  # the agreement flag: not stale
+        assert len(fake.calls) == 4 and ov.stats == {"steps": 1, "buckets": 3, "early": 3, "fallbacks": 0}
+        # outside begin ... finish the hooks do nothing (diagnostics' backward on rank 0 alone)
+        model.zero_grad(set_to_none=True)
+        loss().backward()
+        assert len(fake.calls) == 4
+    model.zero_grad(set_to_none=True)
+    ov.begin(w)  # after close(): no hooks, so finish() sends every bucket itself
+    loss().backward()
+    assert len(fake.calls) == 4
+    ov.finish()
+    assert ov.stats["early"] == 3 and ov.stats["buckets"] == 6
+    torch.testing.assert_close(model[2].bias.grad, 2 * w * g[3], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("case", ["twice", "in-place", "assigned", "unused", "frozen", "order"])
+def test_overlapped_reduction_falls_back_or_waits_when_it_must(case):
+    model, loss = _tiny()
+    loss().backward()
+    g = _grads(model)
+    model.zero_grad(set_to_none=True)
+    fake, w = FakeReduce(), 0.5
+    ov = distributed.OverlappedReduction(model, bucket_bytes=160, all_reduce=fake)
+    expected = [2 * w * gp for gp in g]
+    ov.begin(w)
+    if case == "twice":  # the second call adds to buckets already on their way
+        (0.5 * loss()).backward()
+        (0.5 * loss()).backward()
+        expected = [2 * w * (0.5 * gp + 0.5 * gp) for gp in g]
+    elif case == "in-place":  # rescaled after backward (DFA's calibration): same tensor, new version
+        loss().backward()
+        model[2].bias.grad.mul_(3)
+        expected[3] = 3 * expected[3]
+    elif case == "assigned":  # no backward: every bucket leaves in finish()
+        for p, gp in zip(model.parameters(), g):
+            p.grad = gp.clone()
+    elif case == "unused":  # a parameter without .grad this step is left out and keeps None
+        model[2].register_parameter("spare", torch.nn.Parameter(torch.zeros(3)))  # registered last: bucket 0
+        ov.close()
+        ov = distributed.OverlappedReduction(model, bucket_bytes=160, all_reduce=fake)
+        assert [len(b) for b in ov.buckets] == [3, 1, 1]  # [spare, b2, w2] (12 + 16 + 128 bytes), [b1], [w1]
+        ov.begin(w)
+        loss().backward()
+        assert fake.calls == []  # bucket 0 never completes, and the others wait for it
+        expected.append(None)
+    elif case == "frozen":  # a parameter that does not require grad has no hook and no .grad
+        model[0].bias.requires_grad_(False)
+        ov.close()
+        ov = distributed.OverlappedReduction(model, bucket_bytes=160, all_reduce=fake)
+        ov.begin(w)
+        loss().backward()
+        expected[1] = None
+    elif case == "order":  # gradients in registration order: bucket [w1] is complete first, yet leaves last
+        sent = []
+        ov.close()
+        ov = distributed.OverlappedReduction(model, bucket_bytes=160,
+                                             all_reduce=lambda t, async_op=False: sent.append(t.numel()) or fake(t, async_op))
+        ov.begin(w)
+        for i, p in enumerate(model.parameters()):  # w1, b1, w2, b2, one backward call each
+            (p * g[i]).sum().backward()
+            assert sent == ([] if i < 3 else [4 + 32, 8, 128])  # in bucket order: [b2, w2], [b1], [w1]
+    ov.finish()
+    stale = case in ("twice", "in-place")
+    assert ov.stats["fallbacks"] == int(stale)
+    assert fake.calls[[a for a, _ in fake.calls].index(False)][1].tolist() == [float(stale)]
+    for p, e in zip(model.parameters(), expected):
+        if e is None:
+            assert p.grad is None
+        else:
+            torch.testing.assert_close(p.grad, e, rtol=0, atol=1e-7)
+    if case in ("assigned", "unused"):  # every bucket left in finish(), then the flag
+        assert ov.stats["early"] == 0 and [a for a, _ in fake.calls] == [True] * 3 + [False]
+    ov.close()
 
 
 def test_grape_jacobian_estimate_is_the_mean_of_the_shard_estimates(ddp_runs, tmp_path):
@@ -301,6 +483,34 @@ class SeenBP(BP):
         SeenBP.seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"), out.dtype, float(loss.detach())))
         loss.backward()
         return StepResult(loss.detach(), out.detach())
+
+
+@register
+class TwiceBP(BP):
+    """BP in two backward calls of half the loss each (the gradient of the loss, in two parts)."""
+
+    name = "test-twice-bp"
+
+    def step(self, x, y, loss_fn):
+        out = self.model(x)
+        loss = loss_fn(out, y)
+        (0.5 * loss).backward(retain_graph=True)
+        (0.5 * loss).backward()
+        return StepResult(loss.detach(), out.detach())
+
+
+@register
+class TouchBP(BP):
+    """BP that, on rank 1 only, touches every ``.grad`` in place after backward (values unchanged)."""
+
+    name = "test-touch-bp"
+
+    def step(self, x, y, loss_fn):
+        result = super().step(x, y, loss_fn)
+        if self.worker_rank == 1:
+            for p in self.model.parameters():
+                p.grad.mul_(1.0)
+        return result
 
 
 @register

@@ -21,7 +21,12 @@ way unchanged, because the loop works on ``.grad`` and never asks which method r
   so ``B_l e`` and every weight gradient are shard means, and their weighted sum is the
   global-batch mean. Floating-point buffers (BatchNorm running statistics) are averaged the
   same way, so the model stays identical on every rank. Then every rank runs
-  ``optimizer.step()`` on identical gradients.
+  ``optimizer.step()`` on identical gradients. With the run option ``overlap_reduction`` the
+  buckets (smaller ones, in the order backward fills them) are all-reduced asynchronously as soon
+  as backward has produced their gradients, while it still runs for the blocks before them
+  (:class:`OverlappedReduction`): the same sums, and a step whose method changes ``.grad`` after
+  its bucket left (a second backward call, an in-place rescale) is reduced again from the final
+  gradients.
 * **Method state.** The loop sets ``method.average_across_workers`` to an all-reduce mean; a
   method that keeps batch statistics of its own passes them through it (GrAPE's Jacobian
   estimates: each rank estimates on its own shard's sub-batch, the estimates are averaged, so
@@ -83,6 +88,9 @@ import torch.distributed as dist
 
 #: Gradient bucket size for the all-reduce, in bytes.
 BUCKET_BYTES = 32 * 2**20
+#: Bucket size of the overlapped reduction (run option ``overlap_reduction``), in bytes: small
+#: enough that the first buckets are ready while most of the backward pass is still to run.
+OVERLAP_BUCKET_BYTES = 4 * 2**20
 #: Seconds a collective waits for the other ranks before the process group fails (run option dist_timeout).
 TIMEOUT_S = 300.0
 
@@ -173,14 +181,9 @@ class Workers:
             groups[-1].append(t)
         for groups in buckets.values():
             for group in groups:
-                flat = torch.cat([t.reshape(-1) for t in group])
-                if weight != 1.0:
-                    flat.mul_(weight)
+                flat = flatten(group, weight)
                 dist.all_reduce(flat)
-                offset = 0
-                for t in group:
-                    t.copy_(flat[offset : offset + t.numel()].view_as(t))
-                    offset += t.numel()
+                unflatten(flat, group)
 
     def average(self, t: torch.Tensor) -> torch.Tensor:
         """The mean of ``t`` over ranks (a new tensor of ``t``'s dtype; reduced in float32 or wider)."""
@@ -308,6 +311,197 @@ class Workers:
         return True
 
 
+def flatten(tensors: list[torch.Tensor], weight: float = 1.0) -> torch.Tensor:
+    """``weight * cat(t.reshape(-1) for t in tensors)``: a new ``(sum numel,)`` tensor."""
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    return flat.mul_(weight) if weight != 1.0 else flat
+
+
+def unflatten(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
+    """In place: each of ``tensors`` takes its slice of ``flat`` (the inverse of :func:`flatten`)."""
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+class OverlappedReduction:
+    """``.grad`` all-reduced bucket by bucket while the backward pass still runs (run option
+    ``overlap_reduction``), to the same result as :meth:`Workers.reduce_gradients`.
+
+    Every ``.grad`` becomes ``sum_r w_r g_r`` (``g_r`` rank ``r``'s gradient, ``w_r = n_r / m``
+    its share of the batch, given to :meth:`begin`), every floating buffer the same weighted sum.
+
+    **Buckets.** The parameters that require grad, in reverse registration order (the order
+    backward usually produces their gradients), cut into runs of one device and dtype of at most
+    ``bucket_bytes`` bytes (a larger parameter alone; default :data:`OVERLAP_BUCKET_BYTES`). A
+    post-accumulate-grad hook on each parameter marks it done; when every parameter of a bucket
+    is done and every bucket before it has been launched, the bucket is flattened
+    (``flat = w_r * cat(g.reshape(-1))``, shape ``(sum numel,)``) and ``all_reduce(flat,
+    async_op=True)`` is launched. Buckets leave strictly in index order, so every rank issues the
+    same collectives in the same order whatever order its hooks fire in.
+
+    **A step** is ``begin(weight)``, the method's step, :meth:`finish`. ``finish`` launches the
+    buckets not launched yet with the gradients that are there (a method that assigns ``.grad``
+    fires no hook; a parameter without ``.grad`` is left out, as ``reduce_gradients`` leaves it),
+    waits for every bucket and writes the sums back into ``.grad``; then the gradients of
+    parameters that do not require grad (if any have one) and the floating buffers are reduced
+    synchronously. Outside ``begin`` ... ``finish`` the hooks do nothing (diagnostics run
+    backward on rank 0 alone); :meth:`abort` ends a step whose method raised.
+
+    **Gradients that change after their bucket left** (a second backward call adding to a
+    launched bucket's ``.grad``: its hook fires again; a gradient assigned anew or scaled in place
+    after backward: another tensor, or its version counter moved) make that bucket's sum stale.
+    The ranks agree on whether any of them saw such a change (a one-element all-reduce, on the CPU
+    where the group has gloo, after every bucket has left), so no rank's collectives can get out
+    of step with another's; if one did, the buckets' sums are dropped and every gradient is
+    reduced again from its final value, synchronously: a step that is not overlappable is still
+    exact. ``stats``: ``steps``, ``buckets`` launched, ``early`` (launched by a hook, during
+    backward) and ``fallbacks``.
+
+    ``all_reduce``: the collective, called as ``all_reduce(t)`` (in place, synchronous) or
+    ``all_reduce(t, async_op=True)`` (returns a handle with ``wait()``); default
+    :func:`torch.distributed.all_reduce` (tests give a fake one). The hooks are registered here
+    and removed by :meth:`close` (or at the end of a ``with`` block).
+    """
+
+    def __init__(self, model: torch.nn.Module, bucket_bytes: int | None = None,
+                 all_reduce: Callable[..., Any] | None = None, flag_device: torch.device | str | None = None) -> None:
+        self.model = model
+        self.bucket_bytes = int(bucket_bytes or OVERLAP_BUCKET_BYTES)
+        self._all_reduce = all_reduce or dist.all_reduce
+        trained = [p for p in model.parameters() if p.requires_grad]
+        self.buckets: list[list[torch.Tensor]] = []
+        size = 0
+        for p in reversed(trained):
+            last = self.buckets[-1] if self.buckets else None
+            nbytes = p.numel() * p.element_size()
+            if last is None or (p.device, p.dtype) != (last[0].device, last[0].dtype) or size + nbytes > self.bucket_bytes:
+                self.buckets.append([])
+                size = 0
+            self.buckets[-1].append(p)
+            size += nbytes
+        self._bucket_of = {id(p): i for i, bucket in enumerate(self.buckets) for p in bucket}
+        self._untrained = [p for p in model.parameters() if not p.requires_grad]
+        if flag_device is None:
+            flag_device = "cpu" if all_reduce is not None or "gloo" in str(dist.get_backend()) else (
+                trained[0].device if trained else "cpu")
+        self._flag_device = torch.device(flag_device)
+        self._handles = [p.register_post_accumulate_grad_hook(self._on_grad) for p in trained]
+        self.stats = {"steps": 0, "buckets": 0, "early": 0, "fallbacks": 0}
+        self.weight, self._active = 1.0, False
+        self._reset()
+
+    def _reset(self) -> None:
+        self._done: list[set[int]] = [set() for _ in self.buckets]
+        #: per launched bucket: (its (param, grad, grad version) triples, flat, work handle)
+        self._launched: list[tuple[list[tuple[torch.Tensor, torch.Tensor, int]], torch.Tensor | None, Any] | None] = \
+            [None] * len(self.buckets)
+        self._next = 0
+        self._stale = False
+
+    def begin(self, weight: float) -> None:
+        """Start a step in which this rank's gradients count with ``weight`` (its share of the batch)."""
+        self._reset()
+        self.weight = float(weight)
+        self._active = True
+
+    def _on_grad(self, p: torch.Tensor) -> None:
+        if not self._active:
+            return
+        b = self._bucket_of.get(id(p))
+        if b is None:
+            return
+        if self._launched[b] is not None:  # a later backward call adds to a sum already on its way
+            self._stale = True
+            return
+        self._done[b].add(id(p))
+        while self._next < len(self.buckets) and len(self._done[self._next]) == len(self.buckets[self._next]):
+            self._launch(self._next)
+            self.stats["early"] += 1
+
+    def _launch(self, b: int) -> None:
+        with torch.no_grad():
+            entries = [(p, p.grad, p.grad._version) for p in self.buckets[b] if p.grad is not None]
+            flat = work = None
+            if entries:
+                flat = flatten([g for _, g, _ in entries], self.weight)
+                work = self._all_reduce(flat, async_op=True)
+                self.stats["buckets"] += 1
+        self._launched[b] = (entries, flat, work)
+        self._next = b + 1
+
+    def finish(self) -> None:
+        """Launch what is left, wait, and write ``sum_r w_r g_r`` into every ``.grad`` (and buffer)."""
+        if not self._active:
+            raise RuntimeError("OverlappedReduction.finish() without begin()")
+        self._active = False
+        while self._next < len(self.buckets):
+            self._launch(self._next)
+        stale = self._stale
+        for b, (entries, _, work) in enumerate(self._launched):
+            if work is not None:
+                work.wait()
+            have = {id(p) for p, _, _ in entries}
+            stale = stale or any(p.grad is not g or g._version != v for p, g, v in entries) \
+                or any(p.grad is not None for p in self.buckets[b] if id(p) not in have)
+        flag = torch.tensor([float(stale)], device=self._flag_device)
+        self._all_reduce(flag)
+        with torch.no_grad():
+            if bool(flag.item()):  # some rank's gradients moved after they left: reduce them all again
+                self.stats["fallbacks"] += 1
+                for bucket in self.buckets:
+                    self._reduce_now([p.grad for p in bucket if p.grad is not None])
+            else:
+                for entries, flat, _ in self._launched:
+                    if entries:
+                        unflatten(flat, [g for _, g, _ in entries])
+            rest = [p.grad for p in self._untrained if p.grad is not None]
+            rest += [t for t in self.model.buffers() if t.is_floating_point()]
+            self._reduce_now(rest)
+        self.stats["steps"] += 1
+        self._reset()
+
+    def _reduce_now(self, tensors: list[torch.Tensor]) -> None:
+        """Synchronously, in place: ``t <- sum_r w_r t_r``, one collective per (device, dtype)
+        group of at most ``bucket_bytes`` bytes."""
+        groups: dict[tuple, list[list[torch.Tensor]]] = {}
+        for t in tensors:
+            runs = groups.setdefault((t.device, t.dtype), [[]])
+            if runs[-1] and sum(x.numel() * x.element_size() for x in runs[-1]) + t.numel() * t.element_size() \
+                    > self.bucket_bytes:
+                runs.append([])
+            runs[-1].append(t)
+        for runs in groups.values():
+            for run in runs:
+                if run:
+                    flat = flatten(run, self.weight)
+                    self._all_reduce(flat)
+                    unflatten(flat, run)
+
+    def abort(self) -> None:
+        """End a step without reducing (its method raised); buckets on their way are waited for."""
+        self._active = False
+        for launched in self._launched:
+            if launched is not None and launched[2] is not None:
+                with contextlib.suppress(Exception):
+                    launched[2].wait()
+        self._reset()
+
+    def close(self) -> None:
+        """Remove the hooks (idempotent)."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._active = False
+
+    def __enter__(self) -> "OverlappedReduction":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
 def to_device(obj: Any, device: torch.device | str) -> Any:
     """``obj`` (nested dicts, lists, tuples) with every tensor moved to ``device``.
 
@@ -332,7 +526,7 @@ def state_checksum(obj: Any) -> torch.Tensor:
         if isinstance(o, torch.Tensor):
             t = o.detach().cpu().contiguous()
             h.update(str((t.dtype, tuple(t.shape))).encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # 0-d too
         elif isinstance(o, dict):
             for k in sorted(o, key=str):
                 h.update(str(k).encode())

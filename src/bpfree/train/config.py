@@ -28,7 +28,7 @@ from ..options import OptionError, option
 SECTIONS = ("run", "model", "method", "data")
 #: Run options that say where and how a run computes, not what: a checkpoint resumes, and an
 #: experiment's finished run counts as done, whatever they are.
-PLACEMENT = ("device", "dist_timeout")
+PLACEMENT = ("device", "dist_timeout", "overlap_reduction")
 
 
 @dataclass
@@ -71,6 +71,8 @@ class RunOptions:
                                     choices=("1f1b", "gpipe"))
     dist_timeout: float = option(300.0, "data parallel: seconds a collective waits for the other processes before "
                                         "the group fails (a rank that died does not leave the others blocked)")
+    overlap_reduction: bool = option(False, "data parallel: overlap each bucket's all-reduce with the backward pass "
+                                            "still running")
 
     def check(self) -> None:
         for key in ("epochs", "batch_size", "eval_batch_size", "log_every", "probe_size"):

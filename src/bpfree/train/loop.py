@@ -13,14 +13,14 @@ particular method or dataset.
 * A non-finite loss stops the run naming the step (:mod:`~bpfree.train.watch`): the checkpoint
   left behind is always the last good one; a checkpoint that cannot be written (disk full)
   stops the run and leaves the previous one intact.
-* Data parallel (:mod:`bpfree.distributed`): every rank trains on its shard of each global batch;
-  ``.grad`` is averaged over the ranks before ``optimizer.step()``; rank 0 writes the run
-  directory. Mixed precision: run option ``amp`` (:mod:`~bpfree.train.precision`).
+* Data parallel (:mod:`bpfree.distributed`, :mod:`~bpfree.train.parallel`): every rank trains on
+  its shard of each global batch; ``.grad`` is averaged over the ranks before ``optimizer.step()``
+  (during the backward pass with ``overlap_reduction``); rank 0 writes the run directory.
+  Mixed precision: run option ``amp`` (:mod:`~bpfree.train.precision`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import time
@@ -31,10 +31,11 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import methods, models, tasks
-from ..distributed import Workers, derived_seed, to_device
+from ..distributed import Workers, to_device
 from . import backends, rundir
 from .config import RunConfig, resolve
 from .errors import TrainingError, as_training_error
+from .parallel import Parallel
 from .precision import Precision
 from .setup import make_optimizer, resolve_device, restore_rng, rng_state, rng_states
 from .watch import FiniteWatch
@@ -69,8 +70,8 @@ class Run:
         self.optimizer = make_optimizer(r, self.model.parameters())
         self.precision = Precision(r.amp, self.device, self.method)
         self.loss_fn = self.precision.loss_fn(self.task.loss_fn)
-        if W.active:
-            self._join_workers()
+        self.parallel = Parallel(W, self.model, self.method, self.device, overlap=r.overlap_reduction)
+        self.parallel.join(self.task, r)
         self.state: dict[str, Any] = {"epoch": 0, "batch": 0, "global_step": 0, "train_seconds": 0.0,
                                       "sums": {}, "metrics_bytes": 0}
         self.diagnostics = None
@@ -80,23 +81,8 @@ class Run:
             x, y = self.task.probe_batch(r.probe_size)
             self.diagnostics = Diagnostics(self.method, x, y, self.task.loss_fn)
         self.watch = FiniteWatch(W, self.out, self.task.num_batches(r.batch_size))
-        self._grads_checked = False
-        self._state_warned = False
         self._metrics: Any = rundir.NoLog()
         self._board: Any = None  # TensorBoard scalars of every metrics line (run option log)
-
-    def _join_workers(self) -> None:
-        """Data parallel: every rank gets a sample of the last batch and starts from rank 0's weights."""
-        W, r = self.workers, self.cfg.run
-        n_batches = self.task.num_batches(r.batch_size)
-        if n_batches:
-            with as_training_error():
-                W.check_last_batch(self.task.train_batch(r.seed, 0, n_batches - 1, r.batch_size)[0].shape[0])
-        with torch.no_grad():  # identical start on every rank, whatever the initialisation did
-            W.broadcast_tensors([t.detach() for t in list(self.model.parameters()) + list(self.model.buffers())])
-        self.method.average_across_workers = W.average
-        self.method.worker_rank = W.rank  # random probes (GrAPE's tangents): independent draws per rank
-        torch.manual_seed(derived_seed(r.seed, W.rank))  # dropout etc.: independent draws per rank
 
     # -- persistence -----------------------------------------------------------------------
     @property
@@ -112,7 +98,7 @@ class Run:
         W = self.workers
         self.watch.check()
         self.watch.check_weights(self.model, self.state["global_step"])
-        self._sync_method_state()
+        self.parallel.sync_method_state()
         rng_ranks = W.gather(rng_state(self.device)) if W.active else None
 
         def write() -> None:
@@ -160,23 +146,6 @@ class Run:
             "platform": backends.platform(self.device, r),
         })
 
-    # -- data parallel ---------------------------------------------------------------------------
-    def _sync_method_state(self, expected: bool = False) -> None:
-        """The method's state made rank 0's where it differs; warned of once unless ``expected`` (uneven batch)."""
-        warn = not expected and not self._state_warned
-        if self.workers.sync_state(self.method, self.device, warn=warn) and warn:
-            self._state_warned = True
-
-    @contextlib.contextmanager
-    def _local_method(self):
-        """The method without its cross-rank averaging (diagnostics run on rank 0 alone)."""
-        saved = self.method.average_across_workers
-        self.method.average_across_workers = lambda t: t
-        try:
-            yield
-        finally:
-            self.method.average_across_workers = saved
-
     # -- the loop ----------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> dict[str, Any]:
         W = self.workers
@@ -190,7 +159,7 @@ class Run:
                 from .board import FOLDER, Board
 
                 self._board = Board(self.out / FOLDER, self.state["global_step"] if resume else None)
-            with backends.applied(self.cfg.run, self.device):
+            with backends.applied(self.cfg.run, self.device), self.parallel.overlapping():
                 return self._fit()
         except RuntimeError as err:
             op = backends.refused_op(err)
@@ -227,7 +196,7 @@ class Run:
                 if step % r.log_every == 0 or b + 1 == n_batches:
                     bar.set_postfix(self._log_step(epoch, step, sums, loss * weight, result.metrics))
                 if self.diagnostics is not None and step % r.diagnostics_every == 0:
-                    with self._local_method():
+                    with self.parallel.local_method():
                         self.log({"kind": "diagnostics", "epoch": epoch + 1, "step": step, **self.diagnostics.measure()})
                 if r.checkpoint_every and step % r.checkpoint_every == 0 and b + 1 < n_batches:
                     self._drain()
@@ -244,20 +213,11 @@ class Run:
 
     def _step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[Any, torch.Tensor, torch.Tensor, float]:
         """One step on this rank's shard of a global batch: ``(result, shard targets, true loss, share)``."""
-        W = self.workers
-        x, y, weight, even = W.shard(x, y)
+        x, y, weight, even = self.workers.shard(x, y)
         self.optimizer.zero_grad(set_to_none=True)
-        with self.precision.autocast():
+        with self.parallel.reducing(weight, even), self.precision.autocast():  # .grad summed over ranks at the end
             result = self.method.step(x, y, self.loss_fn)
         loss = self.precision.true_loss(result.loss)
-        if W.active:
-            if not self._grads_checked:
-                with as_training_error():
-                    W.check_same_grads(self.model.parameters(), self.method.name)
-                self._grads_checked = True
-            W.reduce_gradients(self.model, weight)
-            if not even:
-                self._sync_method_state(expected=True)
         self.precision.step(self.optimizer)
         return result, y, loss, weight
 

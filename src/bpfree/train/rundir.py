@@ -143,7 +143,7 @@ def config_diff(a: dict[str, dict[str, Any]], b: dict[str, dict[str, Any]]) -> l
 
 
 def _without_device(cfg: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """``cfg`` without the run options of :data:`~bpfree.train.config.PLACEMENT` (device, dist_timeout)."""
+    """``cfg`` without the run options of :data:`~bpfree.train.config.PLACEMENT` (device, dist_timeout, overlap_reduction)."""
     out = {k: dict(v) for k, v in cfg.items()}
     for key in PLACEMENT:
         out.get("run", {}).pop(key, None)
