@@ -21,15 +21,24 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
 
+import conftest  # noqa: F401  (registers blobs-test)
 from bpfree import distributed, methods, models
 from bpfree.options import OptionError
 from bpfree.pipeline import PipelineError, _balanced_cuts, make_pipeline, microbatches, split_model
+from bpfree.train.config import resolve
+from bpfree.train.loop import train
 
 WIDTHS = (64, 48, 32, 24)
 STEPS = 5
@@ -89,7 +98,7 @@ def _pipelined(out: str) -> None:
         json.dump(results, f)
 
 
-@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("world", [2, pytest.param(3, marks=pytest.mark.slow)])
 def test_a_pipeline_ends_with_the_single_process_weights_and_feedback(tmp_path, world):
     out = str(tmp_path / "pipe")
     distributed.spawn(world, _pipelined, out)
@@ -182,3 +191,65 @@ def test_what_a_pipeline_cannot_split_or_train_is_refused_in_one_line():
         model, m = build("grape", options)
         with pytest.raises(OptionError, match=match):
             make_pipeline(m, model, 2, 0, 2, x, torch.device("cpu"))
+
+
+# --------------------------------------------------------------------------- the training loop
+
+HELPER = Path(__file__).with_name("_blobs_cli.py")
+LOOP_ARGS = ["--dataset", "blobs-test", "--epochs", "3", "--batch-size", "16", "--limit-train", "160",
+             "--limit-test", "64", "--lr", "0.01", "--set", "widths=16,16", "--set", "checkpoint_every=1",
+             "--set", "log_every=3", "--set", "microbatches=3", "--pipeline", "2", "--no-progress"]
+
+
+def cli(*args: str, env: dict | None = None, **popen) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path), **(env or {}))
+    return subprocess.Popen([sys.executable, str(HELPER), "train", *args], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=True, **popen)
+
+
+def checkpoint(path: Path) -> dict:
+    return torch.load(path / "checkpoint.pt", weights_only=False)
+
+
+@pytest.mark.parametrize("method", ["grape", pytest.param("bp", marks=pytest.mark.slow)])
+def test_a_pipeline_run_killed_with_sigkill_resumes_to_the_uninterrupted_weights(tmp_path, method):
+    """The whole job (both stage processes) killed with SIGKILL once checkpoints flow, resumed with
+    ``--resume`` (which starts the two stages again): the weights, ``B_l``, the optimizer state and
+    the metrics equal an uninterrupted pipeline run's, and the weights a single process's."""
+    ref, out = tmp_path / "ref", tmp_path / "killed"
+    done = cli("--method", method, *LOOP_ARGS, "--out", str(ref))
+    killed = cli("--method", method, *LOOP_ARGS, "--out", str(out), env={"BPFREE_TEST_HOLD_AFTER": "4"})
+    deadline = time.monotonic() + 120
+    step = -1
+    while time.monotonic() < deadline and killed.poll() is None and step < 3:
+        time.sleep(0.05)
+        try:
+            step = checkpoint(out)["state"]["global_step"]
+        except Exception:
+            pass
+    assert killed.poll() is None, killed.stderr.read().decode()
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.wait(timeout=60)
+    assert done.wait(timeout=300) == 0, done.stderr.read().decode()
+    assert 0 < checkpoint(out)["state"]["global_step"] < 30
+    resumed = cli("--resume", str(out), "--no-progress")
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read().decode()
+    a, b = checkpoint(out), checkpoint(ref)
+    assert a["state"]["global_step"] == b["state"]["global_step"] == 30
+    for key in b["model"]:
+        torch.testing.assert_close(a["model"][key], b["model"][key], atol=1e-6, rtol=0)
+    for key in b["method"].get("feedback", {}):
+        torch.testing.assert_close(a["method"]["feedback"][key], b["method"]["feedback"][key], atol=1e-6, rtol=0)
+    assert a["optimizer"]["by_name"].keys() == b["optimizer"]["by_name"].keys() == b["model"].keys() - {
+        k for k in b["model"] if not k.endswith(("weight", "bias"))}
+    strip = lambda p: [{k: round(v, 5) if isinstance(v, float) else v for k, v in json.loads(l).items()
+                        if k != "train_seconds"} for l in (p / "metrics.jsonl").read_text().splitlines()]
+    assert strip(out) == strip(ref)
+    # and a single process on the same batches (GrAPE's pipelined estimate is forward mode)
+    cfg = resolve({"run": {"method": method, "dataset": "blobs-test", "epochs": 3, "batch_size": 16,
+                           "limit_train": 160, "limit_test": 64, "lr": 0.01, "log_every": 3},
+                   "model": {"widths": [16, 16]}, "method": {"tangents": "forward"} if method == "grape" else {}})
+    single = train(cfg, tmp_path / "single", progress=False)
+    assert single["steps"] == 30
+    for key, value in checkpoint(tmp_path / "single")["model"].items():
+        torch.testing.assert_close(b["model"][key], value, atol=1e-5, rtol=0)

@@ -58,7 +58,7 @@ def _config(args, method: str | None, siblings: tuple[str, ...] = ()):
     from .train.config import load_toml, resolve
 
     base = load_toml(args.config) if args.config else {}
-    over = _overrides(args, "amp")
+    over = _overrides(args, "amp", "pipeline")
     if method is not None:
         over["method"] = method
     return resolve(base, args.set, over, sibling_methods=siblings)
@@ -84,7 +84,7 @@ _RESUME_ALLOWED = {"resume", "data_dir", "no_progress", "device", "nproc", "comm
 
 
 def _parallel_flags(p: argparse.ArgumentParser) -> None:
-    _option_flags(p, "amp")
+    _option_flags(p, "amp", "pipeline")
     p.add_argument("--nproc", type=int, metavar="N",
                    help="data parallel over N processes on this machine (global batch = --batch-size); "
                         "or launch with torchrun --nproc_per_node N -m bpfree.cli ...")
@@ -96,14 +96,13 @@ def _spawn_if_asked(args) -> int | None:
     from . import distributed
 
     world = distributed.env_world_size()
-    if args.nproc is None or args.nproc == 1 and world == 1:
-        return None
-    if args.nproc < 1:
-        raise OptionError(f"--nproc must be at least 1, got {args.nproc}")
-    if world > 1:
-        if args.nproc != world:
+    if world > 1 or args.nproc is not None:
+        if args.nproc is not None and args.nproc < 1:
+            raise OptionError(f"--nproc must be at least 1, got {args.nproc}")
+        if world > 1 and args.nproc is not None and args.nproc != world:
             raise OptionError(f"--nproc {args.nproc} disagrees with WORLD_SIZE={world} set by the launcher (torchrun)")
-        return None
+        if world > 1 or args.nproc == 1:
+            return None
     # configuration errors once, here, before any process starts
     if getattr(args, "resume", None):
         from .train.config import load_toml, resolve
@@ -115,8 +114,17 @@ def _spawn_if_asked(args) -> int | None:
         cfgs = [_config(args, m, tuple(n for n in names if n != m)) for m in names]
     else:
         cfgs = [_config(args, args.method)]
+    stages = cfgs[0].run.pipeline if cfgs else 0
+    if stages:  # a pipeline: one process per stage (data parallel over pipelines is not built)
+        if args.nproc is not None and args.nproc != stages:
+            raise OptionError(f"--pipeline {stages} runs {stages} processes, one per stage; drop --nproc "
+                              f"(data parallel pipelines are not available)")
+        args.nproc = stages
+    elif args.nproc is None:
+        return None
     for cfg in cfgs:
-        distributed.Workers(0, args.nproc).check_batch_size(cfg.run.batch_size)
+        if not stages:
+            distributed.Workers(0, args.nproc).check_batch_size(cfg.run.batch_size)
     import torch.multiprocessing as mp
 
     device = args.device or (cfgs[0].run.device if cfgs else None)

@@ -502,6 +502,30 @@ class OverlappedReduction:
         self.close()
 
 
+class StageWorkers(Workers):
+    """The processes of a pipeline, one stage each (:mod:`bpfree.pipeline`): every stage takes the
+    whole batch, no gradient is reduced (each rank steps its own parameters), and a step's figures
+    (the last stage's, broadcast) are the same on every rank, so sums over ranks are the values."""
+
+    def check_batch_size(self, batch_size: int) -> None:
+        pass
+
+    def check_last_batch(self, last: int) -> None:
+        pass
+
+    def shard(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float, bool]:
+        return x, y, 1.0, True
+
+    def sum_dict(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return dict(values)
+
+    def reduce_gradients(self, model: torch.nn.Module, weight: float) -> None:
+        pass
+
+    def sync_state(self, method: Any, device: torch.device | str, *, warn: bool = False) -> bool:
+        return False
+
+
 def to_device(obj: Any, device: torch.device | str) -> Any:
     """``obj`` (nested dicts, lists, tuples) with every tensor moved to ``device``.
 

@@ -434,7 +434,6 @@ class BackpropPipeline:
             self._schedules[key] = kind(stage, m, loss_fn=self._weighted_loss, scale_grads=False)
         schedule = self._schedules[key]
         self._loss = (loss_fn, n)
-        self.method.state["steps"] = self.method.state.get("steps", 0) + 1
         if self.stage == 0:
             schedule.step(x)
             return g.broadcast_result(None, None, (n, *self.split.output))

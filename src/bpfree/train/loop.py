@@ -16,6 +16,7 @@ particular method or dataset.
 * Data parallel (:mod:`bpfree.distributed`, :mod:`~bpfree.train.parallel`): every rank trains on
   its shard of each global batch; ``.grad`` is averaged over the ranks before ``optimizer.step()``
   (during the backward pass with ``overlap_reduction``); rank 0 writes the run directory.
+  Pipeline parallel: run option ``pipeline`` (:mod:`~bpfree.train.pipelined`), the same loop.
   Mixed precision: run option ``amp`` (:mod:`~bpfree.train.precision`).
 """
 
@@ -34,8 +35,8 @@ from .. import methods, models, tasks
 from ..distributed import Workers, to_device
 from . import backends, rundir
 from .config import RunConfig, resolve
-from .errors import TrainingError, as_training_error
-from .parallel import Parallel
+from .errors import TrainingError
+from .parallel import parallel_for
 from .precision import Precision
 from .setup import make_optimizer, resolve_device, restore_rng, rng_state, rng_states
 from .watch import FiniteWatch
@@ -61,17 +62,16 @@ class Run:
         r = cfg.run
         self.device = resolve_device(r.device, W)
         backends.prepare_environment(r, self.device)  # before the first CUDA matrix product
-        with as_training_error():
-            W.check_batch_size(r.batch_size)
         torch.manual_seed(r.seed)
         self.task = tasks.load(r.dataset, cfg.data, data_dir, r.limit_train, r.limit_test).to(self.device)
         self.model = models.create(r.model, self.task.input_shape, self.task.num_classes, **cfg.model).to(self.device)
         self.method = methods.create(r.method, self.model, **cfg.method)
-        self.optimizer = make_optimizer(r, self.model.parameters())
+        self.parallel = parallel_for(W, self.model, self.method, self.device, r)  # data parallel, or a pipeline
+        self.workers = W = self.parallel.workers
+        self.parallel.join(self.task, r)
+        self.optimizer = make_optimizer(r, self.parallel.trained_parameters())
         self.precision = Precision(r.amp, self.device, self.method)
         self.loss_fn = self.precision.loss_fn(self.task.loss_fn)
-        self.parallel = Parallel(W, self.model, self.method, self.device, overlap=r.overlap_reduction)
-        self.parallel.join(self.task, r)
         self.state: dict[str, Any] = {"epoch": 0, "batch": 0, "global_step": 0, "train_seconds": 0.0,
                                       "sums": {}, "metrics_bytes": 0}
         self.diagnostics = None
@@ -100,6 +100,7 @@ class Run:
         self.watch.check_weights(self.model, self.state["global_step"])
         self.parallel.sync_method_state()
         rng_ranks = W.gather(rng_state(self.device)) if W.active else None
+        model, optimizer, method = self.parallel.checkpoint_parts(self.optimizer)
 
         def write() -> None:
             self._metrics.flush()
@@ -107,8 +108,8 @@ class Run:
                 self._board.flush()
             self.state["metrics_bytes"] = self._metrics.tell()
             rundir.write_checkpoint(self.checkpoint_path, {
-                "config": self.cfg.to_dict(), "state": dict(self.state), "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "method": self.method.state_dict(),
+                "config": self.cfg.to_dict(), "state": dict(self.state), "model": model, "optimizer": optimizer,
+                "method": method,
                 "scaler": self.precision.state_dict(), **rng_states(), "rng_ranks": rng_ranks, "world_size": W.world,
             })
 
@@ -119,7 +120,7 @@ class Run:
         ck = to_device(W.on_root(rundir.read_checkpoint, self.out, self.cfg, self.trust_checkpoint), self.device)
         try:
             self.model.load_state_dict(ck["model"])
-            self.optimizer.load_state_dict(ck["optimizer"])
+            self.parallel.load_optimizer(self.optimizer, ck["optimizer"])
             self.method.load_state_dict(ck["method"])
         except (RuntimeError, ValueError, KeyError) as err:
             raise TrainingError(f"{self.checkpoint_path} does not fit this run: {str(err).splitlines()[0]}") from err
@@ -216,7 +217,7 @@ class Run:
         x, y, weight, even = self.workers.shard(x, y)
         self.optimizer.zero_grad(set_to_none=True)
         with self.parallel.reducing(weight, even), self.precision.autocast():  # .grad summed over ranks at the end
-            result = self.method.step(x, y, self.loss_fn)
+            result = self.parallel.stepper.step(x, y, self.loss_fn)
         loss = self.precision.true_loss(result.loss)
         self.precision.step(self.optimizer)
         return result, y, loss, weight
@@ -252,6 +253,7 @@ class Run:
         r, st, W = self.cfg.run, self.state, self.workers
         self.watch.check()
         train_metrics = self.task.summarise({k: float(v) for k, v in W.sum_dict(sums).items()})
+        self.parallel.gather_model()  # a pipeline's stages into the whole model
         test = W.on_root(self._evaluate)
         self.log({"kind": "epoch", "epoch": epoch + 1, "step": st["global_step"],
                   **{f"train_{k}": v for k, v in train_metrics.items()},

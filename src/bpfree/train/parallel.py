@@ -31,6 +31,7 @@ class Parallel:
     def __init__(self, workers: Workers, model: torch.nn.Module, method: Any, device: torch.device,
                  overlap: bool = False) -> None:
         self.workers, self.model, self.method, self.device = workers, model, method, device
+        self.stepper = method  # what the loop calls step() on
         self.overlap_wanted = bool(overlap)
         self.overlap: OverlappedReduction | None = None  # while installed (the run's fit)
         self.grads_checked = False
@@ -40,6 +41,8 @@ class Parallel:
         """Every rank gets a sample of the last batch and starts from rank 0's weights
         (``r``: the run options)."""
         W = self.workers
+        with as_training_error():
+            W.check_batch_size(r.batch_size)
         if not W.active:
             return
         n_batches = task.num_batches(r.batch_size)
@@ -51,6 +54,19 @@ class Parallel:
         self.method.average_across_workers = W.average
         self.method.worker_rank = W.rank  # random probes (GrAPE's tangents): independent draws per rank
         torch.manual_seed(derived_seed(r.seed, W.rank))  # dropout etc.: independent draws per rank
+
+    def trained_parameters(self) -> Iterator[torch.nn.Parameter]:
+        return self.model.parameters()
+
+    def gather_model(self) -> None:
+        """Nothing to gather: every rank holds the whole, identical model."""
+
+    def checkpoint_parts(self, optimizer: torch.optim.Optimizer) -> tuple[dict, dict, dict]:
+        """``(model, optimizer, method)`` states for the checkpoint (identical on every rank)."""
+        return self.model.state_dict(), optimizer.state_dict(), self.method.state_dict()
+
+    def load_optimizer(self, optimizer: torch.optim.Optimizer, state: dict) -> None:
+        optimizer.load_state_dict(state)
 
     def sync_method_state(self, expected: bool = False) -> None:
         """The method's state made rank 0's where it differs; warned of once unless ``expected`` (uneven batch)."""
@@ -109,3 +125,13 @@ class Parallel:
             W.reduce_gradients(self.model, weight)
         if not even:
             self.sync_method_state(expected=True)
+
+
+def parallel_for(workers: Workers, model: torch.nn.Module, method: Any, device: torch.device, r: Any) -> Any:
+    """The run's parallel side: :class:`Parallel` (data parallel or one process), or with run option
+    ``pipeline`` :class:`~bpfree.train.pipelined.Pipelined` (the same interface)."""
+    if r.pipeline:
+        from .pipelined import Pipelined
+
+        return Pipelined(workers, model, method, device, r)
+    return Parallel(workers, model, method, device, overlap=r.overlap_reduction)
