@@ -179,8 +179,8 @@ def test_cli_run_flags_come_from_the_run_options():
     fields = {f.name: f for f in dataclasses.fields(RunOptions)}
     hints = typing.get_type_hints(RunOptions)
     sub = next(a for a in cli.build_parser()._actions if a.dest == "command").choices
-    for command, names in [("train", cli.RUN_FLAGS + ("method", "amp")), ("compare", cli.RUN_FLAGS + ("amp",)),
-                           ("bench", cli.RUN_FLAGS)]:
+    for command, names in [("train", cli.RUN_FLAGS + ("method", "amp", "pipeline")),
+                           ("compare", cli.RUN_FLAGS + ("amp", "pipeline")), ("bench", cli.RUN_FLAGS + ("pipeline",))]:
         flags = {a.dest: a for a in sub[command]._actions if a.dest in fields}
         assert set(flags) == set(names), command  # the other run options go through --set
         for name, action in flags.items():
