@@ -46,6 +46,7 @@ SCENARIOS = {
     "dfa": ("dfa", {}),
     "drtp": ("drtp", {}),
     "grape": ("grape", {"tangents": "forward", "every": 2, "samples": 10}),
+    "grape-central": ("grape", {"tangents": "central", "every": 2, "samples": 10}),
     # the 2025 rule adds noise from the method's stream at every update: the stream stays in step
     "grape-noise": ("grape", {"tangents": "forward", "rule": "rescale", "noise": 1e-2, "every": 1, "eta": 0.1}),
     "bp-1f1b": ("bp", {}),
@@ -114,10 +115,11 @@ def test_a_pipeline_ends_with_the_single_process_weights_and_feedback(tmp_path, 
                 torch.testing.assert_close(torch.tensor(value), reference[key], atol=1e-5, rtol=0,
                                            msg=lambda s: f"{name}, rank {r}, {key}: {s}")
                 seen.add(key)
-            for key, value in got["feedback"].items():  # every rank holds every B_l, the single process's
-                torch.testing.assert_close(torch.tensor(value), m.state.feedback[key], atol=1e-6, rtol=0)
+            # every rank holds every B_l, the single process's (a difference divides rounding by 2 step)
+            for key, value in got["feedback"].items():
+                torch.testing.assert_close(torch.tensor(value), m.state.feedback[key], atol=1e-5, rtol=0)
             for key, value in got["jbar"].items():
-                torch.testing.assert_close(torch.tensor(value), m.jacobian_estimates()[key], atol=1e-6, rtol=0)
+                torch.testing.assert_close(torch.tensor(value), m.jacobian_estimates()[key], atol=1e-5, rtol=0)
             if method == "grape":
                 assert set(got["jbar"]) == set(m.jacobian_estimates()) and got["jbar"]
         assert seen == set(reference), f"{name}: the stages together train every parameter once"
@@ -185,8 +187,8 @@ def test_what_a_pipeline_cannot_split_or_train_is_refused_in_one_line():
         split_model(model, 1, x)
     with pytest.raises(PipelineError, match="nn.Sequential"):
         split_model(models.create("resnet20", (3, 32, 32), 10), 2, torch.randn(2, 3, 32, 32))
-    for options, match in (({"estimator": "train-pass"}, "forward-mode tangents"),
-                           ({"tangents": "central"}, "forward-mode tangents"),
+    for options, match in (({"estimator": "train-pass"}, "tangents carried through the stages"),
+                           ({"tangents": "onesided"}, "tangents carried through the stages"),
                            ({"calibrate_every": 5}, "calibration")):
         model, m = build("grape", options)
         with pytest.raises(OptionError, match=match):
@@ -245,10 +247,10 @@ def test_a_pipeline_run_killed_with_sigkill_resumes_to_the_uninterrupted_weights
     strip = lambda p: [{k: round(v, 5) if isinstance(v, float) else v for k, v in json.loads(l).items()
                         if k != "train_seconds"} for l in (p / "metrics.jsonl").read_text().splitlines()]
     assert strip(out) == strip(ref)
-    # and a single process on the same batches (GrAPE's pipelined estimate is forward mode)
+    # and a single process on the same batches (GrAPE's pipelined estimate is the central difference)
     cfg = resolve({"run": {"method": method, "dataset": "blobs-test", "epochs": 3, "batch_size": 16,
                            "limit_train": 160, "limit_test": 64, "lr": 0.01, "log_every": 3},
-                   "model": {"widths": [16, 16]}, "method": {"tangents": "forward"} if method == "grape" else {}})
+                   "model": {"widths": [16, 16]}, "method": {"tangents": "central"} if method == "grape" else {}})
     single = train(cfg, tmp_path / "single", progress=False)
     assert single["steps"] == 30
     for key, value in checkpoint(tmp_path / "single")["model"].items():

@@ -249,7 +249,7 @@ widths = [8, 8, 8, 8]
 def test_pipeline_table_is_the_simulators_prediction_from_the_measured_costs(tmp_path, monkeypatch):
     seen = []
 
-    def fake_measure(model, x, y, loss_fn, repeats, warmup, generator):
+    def fake_measure(model, x, y, loss_fn, repeats, warmup, generator, optimizer=None):
         blocks, head, names = pipeline.split_blocks(model)
         seen.append((len(blocks), x.shape))
         return {"blocks": [dict(FAKE, name=n) for n in names], "head": dict(FREE_HEAD, name="head+loss")}
@@ -301,3 +301,21 @@ def test_models_without_top_level_points_are_refused():
     model = torch.nn.Sequential(torch.nn.Sequential(torch.nn.Linear(4, 4), FeedbackPoint()), torch.nn.Linear(4, 2))
     with pytest.raises(OptionError, match="top level"):
         pipeline.split_blocks(model)
+
+
+@pytest.mark.parametrize("S,M", [(1, 3), (2, 4), (4, 8)])
+def test_the_optimizer_step_ends_every_stage_once(S, M):
+    # each stage runs its update U right after its own last op, and the step ends when the last
+    # stage ends: the closed forms plus U, for both schedules; U holds no activation
+    F, B, D, U = 1.0, 2.0, 0.75, 5.0
+    plain = sim.predict(uniform(S, F, B, D), M, schedules=("1f1b", "dfa"))
+    stages = [StageCost(F, B, D, update=U) for _ in range(S)]
+    res = sim.predict(stages, M, schedules=("1f1b", "dfa"))
+    assert res["1f1b"].total == pytest.approx((M + S - 1) * (F + B) + U)
+    assert res["dfa"].total == pytest.approx((M + S - 1) * F + M * D + U)
+    for name in res:
+        assert res[name].peak_activations == plain[name].peak_activations
+        assert [b - a for a, b in zip(plain[name].busy, res[name].busy)] == pytest.approx([U] * S)
+    # stage_costs sums the blocks' updates (the head's on the last stage)
+    blocks = [BlockCost(1, 2, 1, update=0.5), BlockCost(1, 2, 1, update=1.5)]
+    assert [c.update for c in sim.stage_costs(blocks, [(0, 1), (1, 2)], BlockCost(0, 0, 0, update=0.25))] == [0.5, 1.75]

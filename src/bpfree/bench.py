@@ -246,7 +246,8 @@ def _memory_child(payload: str) -> None:
 
 
 def time_pipelined(cfgs: list[RunConfig], repeats: int = 20, warmup: int = 5, group: int | None = None,
-                   data_dir: str | os.PathLike | None = None, threads: int = 0) -> tuple[dict[str, list[float]], int]:
+                   data_dir: str | os.PathLike | None = None, threads: int = 0,
+                   ) -> tuple[dict[str, list[float]], int, list[int]]:
     """:func:`time_methods` for pipeline-parallel steps: ``cfgs[0].run.pipeline`` processes (one stage
     each, ``threads`` torch threads each; default: the machine's cores shared out), every method on
     the same split, micro-batches and process group, alternating. A sample is the mean wall time of
@@ -264,7 +265,7 @@ def time_pipelined(cfgs: list[RunConfig], repeats: int = 20, warmup: int = 5, gr
         spawn(cfgs[0].run.pipeline, _pipeline_worker, payload, device="cpu", timeout=cfgs[0].run.dist_timeout)
         with open(out) as f:
             result = json.load(f)
-    return result["times"], result["group"]
+    return result["times"], result["group"], result["stage_points"]
 
 
 def _pipeline_worker(payload: str) -> None:
@@ -306,7 +307,7 @@ def _pipeline_worker(payload: str) -> None:
             times[c.name].append(run(c, group, rep * group) / group)
     if rank == 0:
         with open(spec["out"], "w") as f:
-            json.dump({"times": times, "group": group}, f)
+            json.dump({"times": times, "group": group, "stage_points": [len(p) for p in split.points]}, f)
 
 
 def bench(cfgs: list[RunConfig], repeats: int = 20, warmup: int = 5, memory: bool = True, progress: bool = True,
@@ -315,9 +316,9 @@ def bench(cfgs: list[RunConfig], repeats: int = 20, warmup: int = 5, memory: boo
     samples_per_s}`` (ratio to the first method when ``bp`` is not among them; reserved: CUDA only);
     ``group``, ``data_dir``: see :func:`time_methods`. With run option ``pipeline`` the steps are
     pipeline-parallel (:func:`time_pipelined`, ``threads`` per process) and memory is not measured."""
-    pipelined = cfgs[0].run.pipeline > 1
+    pipelined, stage_points = cfgs[0].run.pipeline > 1, None
     if pipelined:
-        times, group = time_pipelined(cfgs, repeats, warmup, group, data_dir, threads)
+        times, group, stage_points = time_pipelined(cfgs, repeats, warmup, group, data_dir, threads)
         memory = False
     else:
         times, group = time_methods(cfgs, repeats, warmup, progress, group, data_dir)
@@ -335,6 +336,7 @@ def bench(cfgs: list[RunConfig], repeats: int = 20, warmup: int = 5, memory: boo
             "peak_reserved_mb": None if reserved is None else round(reserved, 1),
             "steps_per_sample": group,
             "samples_per_s": round(cfg.run.batch_size / (med[name] / 1e3), 1),
+            **({"stage_points": stage_points, "microbatches": cfg.run.microbatches} if pipelined else {}),
         })
     return rows
 

@@ -25,15 +25,17 @@ sizes differing by at most one, weights ``w_m = n_m / n``). Activations flow for
   stage ever waits for another stage's backward pass, and no gradient crosses a stage boundary.
 
 Gradients accumulate over the micro-batches (``sum_m w_m g_m`` is the batch-mean gradient), then each
-rank steps its own optimizer. GrAPE's update (on its update steps) comes first: a forward-mode pass
-over the first ``samples`` inputs of the batch carries ``(h, dh)`` from stage to stage, the last stage
-broadcasts the output tangent ``u`` (``(samples, o)``), and every rank forms
-``J~_l = mean_i u_i d_{l,i}^T`` and moves ``B_l`` as one process would. Every rank draws the tangents
-of *all* points (in forward order, from the method's stream), so the stream, the estimates, ``Jbar``
-and every ``B_l`` equal a single process's on every rank (:func:`bpfree.methods.dfa` creates the
-``B_l`` at set-up from the same stream). With no BatchNorm (whose batch statistics are per
-micro-batch) a pipeline run ends with the weights of a single-process run on the same batches, to float
-rounding (``tests/test_pipeline.py``).
+rank steps its own optimizer. GrAPE's update (on its update steps) comes first: a pass over the first
+``samples`` inputs of the batch, in micro-batches, carries from stage to stage either ``[h + step d;
+h - step d]`` (the central difference: GrAPE's ``tangents=auto`` and ``central``) or ``(h, dh)``
+(forward mode: ``tangents=forward``); the last stage broadcasts ``u = sum_l J_l d_l``
+(``(samples, o)``), and every rank forms ``J~_l = mean_i u_i d_{l,i}^T`` and moves ``B_l`` as one
+process would. Every rank draws the tangents of *all* points (in forward order, from the method's
+stream), so the stream, the estimates, ``Jbar`` and every ``B_l`` equal a single process's on every
+rank (:class:`FeedbackPipeline` creates the ``B_l`` at set-up from the same stream). With no
+BatchNorm (whose batch statistics are per micro-batch) a pipeline run ends with the weights of a
+single-process run with the same ``tangents`` on the same batches, to float rounding
+(``tests/test_pipeline.py``).
 
 BP on the same split
 --------------------
@@ -49,6 +51,7 @@ batch's output and loss), so the loop's running sums and logs need no reduction.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import math
 import statistics
@@ -341,42 +344,51 @@ class FeedbackPipeline:
 
     def align(self, x: torch.Tensor, probe: TangentProbe) -> None:
         """GrAPE's update across the stages: tangents for every point (drawn on every rank alike), a
-        forward-mode pass through the stages in micro-batches, ``u`` broadcast, ``J~_l`` and the
-        ``B_l`` update for all points.
+        pass through the stages in micro-batches that yields ``u = sum_l J_l d_l`` at the last
+        stage (forward mode, or the central difference of ``[h + step d; h - step d]``), ``u``
+        broadcast, ``J~_l`` and the ``B_l`` update for all points.
 
         The pass over the ``k`` probed inputs is split like the training batch, so the stages work
-        on it concurrently; per-sample, its ``u`` rows are those of one pass over all ``k`` (with
+        on it concurrently; per sample, its ``u`` rows are those of one pass over all ``k`` (with
         BatchNorm each chunk normalises with its own statistics).
         """
         g, split, s = self.group, self.split, self.stage
         k = min(probe.samples, x.shape[0])
         d = {name: probe.draw((k, *shape), probe.generator, x.device, x.dtype)
              for name, shape in split.point_shapes.items()}
-        names = self.names
+        names, forward, step = self.names, probe.scheme == "forward", probe.step
         rows = torch.arange(k).tensor_split(min(self.microbatches, k))
         chunk: list[slice] = [slice(0, 0)]
 
         def inject(point: FeedbackPoint, h: torch.Tensor) -> torch.Tensor:
-            primal, tangent = fwAD.unpack_dual(h)
             dl = d[names[id(point)]][chunk[0]]
+            if not forward:  # h holds [h_+; h_-]
+                n = dl.shape[0]
+                return torch.cat([torch.add(h[:n], dl, alpha=step), torch.add(h[n:], dl, alpha=-step)])
+            primal, tangent = fwAD.unpack_dual(h)
             return fwAD.make_dual(primal, dl if tangent is None else tangent + dl)
 
         sends, outputs = [], []
-        with torch.no_grad(), fwAD.dual_level(), handled(self.module, inject), preserved_buffers(self.module), \
-                matched_tangents(self.module):
+        with torch.no_grad(), (fwAD.dual_level() if forward else contextlib.nullcontext()), \
+                handled(self.module, inject), preserved_buffers(self.module), matched_tangents(self.module):
             for r in rows:
                 chunk[0] = slice(int(r[0]), int(r[-1]) + 1)
+                n = len(r)
                 if s == 0:
-                    inp = x[chunk[0]]
-                else:
-                    shape = (len(r), *split.boundary[s - 1])
+                    inp = x[chunk[0]] if forward else torch.cat([x[chunk[0]]] * 2)
+                elif forward:
+                    shape = (n, *split.boundary[s - 1])
                     inp = fwAD.make_dual(g.recv(shape, s - 1, TAG_TANGENT), g.recv(shape, s - 1, TAG_TANGENT))
-                primal, tangent = fwAD.unpack_dual(self.module(inp))
+                else:
+                    inp = g.recv((2 * n, *split.boundary[s - 1]), s - 1, TAG_TANGENT)
+                out = self.module(inp)
+                parts = fwAD.unpack_dual(out) if forward else (out,)
                 if s != g.last:
-                    for t in (primal.contiguous(), tangent.contiguous()):
+                    for t in parts:
+                        t = t.contiguous()
                         sends.append((dist.isend(t, s + 1, tag=TAG_TANGENT), t))
                 else:
-                    outputs.append(tangent)
+                    outputs.append(parts[1] if forward else (out[:n] - out[n:]) / (2 * step))
         for work, _ in sends:
             work.wait()
         u = torch.cat(outputs).contiguous() if s == g.last else torch.empty((k, *split.output), device=x.device)

@@ -31,8 +31,10 @@ the largest stage's ``F + B`` (BP's schedules) or ``F + D`` (DFA's), the head on
 for ``S`` above the number of blocks, a model of ``S`` identical blocks each costing the mean of
 the measured blocks, one per stage, plus the head (the table says "replicated"). Ratios are
 throughputs, ``T_bp / T_dfa``; memory is the most loaded stage's peak: micro-batches held times
-what its blocks save per micro-batch. Not modelled: the optimizer step, the payload of messages
-(every message costs ``latency_ms``), overlap of communication with compute beyond that.
+what its blocks save per micro-batch. The optimizer step (the run's optimizer over each block's
+parameters, timed once per block as ``update``) ends every stage's step, in both schedules. Not
+modelled: the payload of messages (every message costs ``latency_ms``), overlap of communication
+with compute beyond that.
 
 ``table.md``: per model, S and M the three step times, the two ratios, bubble fractions and peak
 activation MB; then the measured per-block costs. ``pipeline.png``: the ratios against S, one
@@ -177,10 +179,12 @@ def _clear(module: nn.Module) -> None:
 
 
 def measure(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn, repeats: int, warmup: int,
-            generator: torch.Generator) -> dict[str, Any]:
+            generator: torch.Generator, optimizer=None) -> dict[str, Any]:
     """Per-block and head costs (ms, medians) and saved bytes of ``model`` on the micro-batch ``(x, y)``
     (see the module docstring); ``{"blocks": [...], "head": {...}}``, each a dict of
-    :class:`.pipeline_sim.BlockCost` fields plus ``name``."""
+    :class:`.pipeline_sim.BlockCost` fields plus ``name``. ``optimizer``: ``params -> Optimizer``;
+    when given, ``update`` is the median time of one ``step()`` over each block's parameters
+    (random gradients), the once-per-step cost a stage adds after its last backward."""
     model.train()
     blocks, head, names = split_blocks(model)
     device = x.device
@@ -240,6 +244,17 @@ def measure(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn, repeats
     def ms(values: list[float]) -> float:
         return round(statistics.median(values) * 1e3, 4)
 
+    def update_ms(module: nn.Module) -> float:
+        params = [p for p in module.parameters() if p.requires_grad]
+        if optimizer is None or not params:
+            return 0.0
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=generator).to(p.device)
+        opt = optimizer(params)
+        times = [clock(opt.step)[1] for _ in range(warmup + repeats)][warmup:]
+        _clear(module)
+        return ms(times)
+
     out_blocks = []
     previous_output = {"bp": False, "dfa": False}
     for l, b in enumerate(blocks):
@@ -251,7 +266,8 @@ def measure(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn, repeats
         out_blocks.append({"name": names[l], "forward": ms(samples["F"][l]), "backward": ms(samples["B"][l]),
                            "weight_backward": ms(samples["W"][l]), "dfa_backward": ms(samples["D"][l]),
                            "activation_bytes": mem["bp"][0], "shared_bytes": mem["bp"][1],
-                           "dfa_activation_bytes": mem["dfa"][0], "dfa_shared_bytes": mem["dfa"][1]})
+                           "dfa_activation_bytes": mem["dfa"][0], "dfa_shared_bytes": mem["dfa"][1],
+                           "update": update_ms(b)})
     head_mem = {}
     for mode in ("bp", "dfa"):
         hin = head_in.detach().requires_grad_(mode == "bp" or not head_params)
@@ -262,14 +278,15 @@ def measure(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn, repeats
     head_cost = {"name": "head+loss", "forward": ms(head_samples["F"]), "backward": ms(head_samples["B"]),
                  "weight_backward": ms(head_samples["D"]), "dfa_backward": ms(head_samples["D"]),
                  "activation_bytes": head_mem["bp"][0], "shared_bytes": head_mem["bp"][1],
-                 "dfa_activation_bytes": head_mem["dfa"][0], "dfa_shared_bytes": head_mem["dfa"][1]}
+                 "dfa_activation_bytes": head_mem["dfa"][0], "dfa_shared_bytes": head_mem["dfa"][1],
+                 "update": update_ms(head)}
     return {"blocks": out_blocks, "head": head_cost}
 
 
 def execute(job: Job, state: str, ctx) -> str:
     from .. import bench as harness
     from .. import models
-    from ..train.setup import resolve_device
+    from ..train.setup import make_optimizer, resolve_device
 
     cfg = job.config
     q = job.params
@@ -287,7 +304,8 @@ def execute(job: Job, state: str, ctx) -> str:
             model = models.create(cfg.run.model, task.input_shape, task.num_classes, **cfg.model).to(device)
         x, y = task.train_batch(cfg.run.seed, 0, 0, cfg.run.batch_size)
         g = torch.Generator().manual_seed(cfg.run.seed)
-        costs = measure(model, x.to(device), y.to(device), task.loss_fn, q["repeats"], q["warmup"], g)
+        costs = measure(model, x.to(device), y.to(device), task.loss_fn, q["repeats"], q["warmup"], g,
+                        optimizer=lambda params: make_optimizer(cfg.run, params))
     finally:
         threads = torch.get_num_threads()
         torch.set_num_threads(before)
@@ -302,16 +320,16 @@ def execute(job: Job, state: str, ctx) -> str:
 
 # -- results -----------------------------------------------------------------------------------------
 COST_KEYS = ("forward", "backward", "weight_backward", "dfa_backward", "activation_bytes", "shared_bytes",
-             "dfa_activation_bytes", "dfa_shared_bytes")
+             "dfa_activation_bytes", "dfa_shared_bytes", "update")
 
 
 def _mean_costs(items: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"name": items[0]["name"], **{k: statistics.fmean(float(i[k]) for i in items) for k in COST_KEYS}}
+    return {"name": items[0]["name"], **{k: statistics.fmean(float(i.get(k, 0.0)) for i in items) for k in COST_KEYS}}
 
 
 def block_cost(d: dict[str, Any]) -> sim.BlockCost:
-    """A stored cost dict (ms, bytes) as a :class:`.pipeline_sim.BlockCost`."""
-    return sim.BlockCost(**{k: float(d[k]) for k in COST_KEYS})
+    """A stored cost dict (ms, bytes) as a :class:`.pipeline_sim.BlockCost` (``update``: 0 when not stored)."""
+    return sim.BlockCost(**{k: float(d.get(k, 0.0)) for k in COST_KEYS})
 
 
 def write(spec: Spec, scale: Scale, seeds: int, jobs: list[Job], records: list[dict], root: Path) -> dict[str, Any]:

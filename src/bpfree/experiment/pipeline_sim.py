@@ -64,7 +64,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 SCHEDULES = ("gpipe", "1f1b", "dfa")
-FORWARD, BACKWARD, DFA_BACKWARD = "F", "B", "D"
+FORWARD, BACKWARD, DFA_BACKWARD, UPDATE = "F", "B", "D", "U"
 
 
 @dataclass(frozen=True)
@@ -75,6 +75,7 @@ class StageCost:
     forward: float
     backward: float
     dfa_backward: float
+    update: float = 0.0  # the stage's optimizer step, once per step after its last op (both schedules)
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,7 @@ class BlockCost:
     shared_bytes: float = 0.0
     dfa_activation_bytes: float | None = None
     dfa_shared_bytes: float | None = None
+    update: float = 0.0  # the optimizer step over the block's parameters (once per step)
 
     def memory(self, mode: str) -> tuple[float, float]:
         """``(activation bytes, shared bytes)`` under ``mode`` ``bp`` or ``dfa``."""
@@ -197,6 +199,8 @@ def build_ops(schedule: str, costs: Sequence[StageCost], M: int, latency: float 
                 deps = (((last, FORWARD, m), latency if s < last else 0.0),)
                 duration = costs[s].dfa_backward
             ops.append(Op(s, kind, m, float(duration), deps))
+        if costs[s].update:  # the optimizer step of the stage's parameters, after its last backward
+            ops.append(Op(s, UPDATE, 0, float(costs[s].update)))
         out.append(ops)
     return out
 
@@ -233,7 +237,7 @@ def simulate(ops: list[list[Op]], schedule: str = "") -> Result:
     for stage in ops:
         held = peak = 0
         for op in stage:
-            held += 1 if op.kind == FORWARD else -1
+            held += 1 if op.kind == FORWARD else 0 if op.kind == UPDATE else -1
             peak = max(peak, held)
         peaks.append(peak)
     M = 1 + max((op.micro for stage in ops for op in stage), default=-1)
@@ -322,7 +326,8 @@ def stage_costs(blocks: Sequence[BlockCost], bounds: Sequence[tuple[int, int]],
     for k, (a, b) in enumerate(bounds):
         part = list(blocks[a:b]) + ([head] if head is not None and k == len(bounds) - 1 else [])
         backward = sum(_weight_backward(x) if a + i == 0 else x.backward for i, x in enumerate(part))
-        out.append(StageCost(sum(x.forward for x in part), backward, sum(x.dfa_backward for x in part)))
+        out.append(StageCost(sum(x.forward for x in part), backward, sum(x.dfa_backward for x in part),
+                             sum(x.update for x in part)))
     return out
 
 

@@ -157,11 +157,15 @@ class Estimator:
 @dataclass
 class TangentProbe:
     """What a pipelined estimate pass draws: ``d_l = draw((samples, *h_l features), generator, ...)``
-    at every point in forward order, on the first ``samples`` inputs of the batch."""
+    at every point in forward order, on the first ``samples`` inputs of the batch, and how it gets
+    ``u = sum_l J_l d_l``: ``scheme`` ``forward`` (forward-mode AD) or ``central`` (a difference of
+    one pass over ``[x; x]`` perturbed by ``+-step d_l``)."""
 
     generator: torch.Generator
     draw: Callable[..., torch.Tensor]
     samples: int
+    scheme: str = "forward"
+    step: float = 1e-2
 
 
 def flat_point(h: torch.Tensor, n: int) -> torch.Tensor:

@@ -197,22 +197,25 @@ class GrAPE(DirectFeedback):
                                             for name, _ in self.points})
 
     def check_pipelined(self) -> None:
-        """A pipeline stage sees only its own blocks, so the estimate is the forward-mode one that a
-        pipeline can carry from stage to stage (tangents ``auto`` means ``forward`` there)."""
+        """A pipeline stage sees only its own blocks, so the estimate is one a pipeline can carry from
+        stage to stage on the sub-batch: forward mode (``h`` and its tangent) or the central
+        difference (``[h + step d; h - step d]``); ``tangents=auto`` means central there (the
+        one-sided difference needs the training pass's output rows before the update)."""
         super().check_pipelined()
         o = self.options
         if o.perturb != "activity" or o.points != "joint" or o.estimator != "subbatch" or \
-                o.tangents not in ("auto", "forward"):
-            raise OptionError("a pipelined GrAPE estimates J~_l with forward-mode tangents carried through the stages "
-                              "on the sub-batch: use perturb=activity, points=joint, estimator=subbatch and "
-                              "tangents=forward (or auto)")
+                o.tangents not in ("auto", "forward", "central"):
+            raise OptionError("a pipelined GrAPE estimates J~_l on the sub-batch with tangents carried through the "
+                              "stages: use perturb=activity, points=joint, estimator=subbatch and tangents=central, "
+                              "forward or auto (central)")
 
     def pipeline_probe(self, device: torch.device) -> TangentProbe | None:
-        """On update steps: the tangent stream and draw of the sub-batch estimate (forward mode)."""
+        """On update steps: the tangent stream, draw and scheme of the sub-batch estimate."""
         if not self.update_due():
             return None
-        return TangentProbe(self.tangent_generator(device), spatial_tangents(self.options.spatial_modes),
-                            self.options.samples)
+        o = self.options
+        return TangentProbe(self.tangent_generator(device), spatial_tangents(o.spatial_modes), o.samples,
+                            "forward" if o.tangents == "forward" else "central", o.fd_step)
 
     def before_delivery(self, record: CutPass, x: torch.Tensor) -> None:
         """On update steps: ``J~_l`` from the step's estimator, then :meth:`align`."""
