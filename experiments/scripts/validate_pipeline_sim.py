@@ -19,15 +19,70 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
+import time
 
 import torch
 
 from bpfree import models
 from bpfree.bench import load_task
 from bpfree.experiment.pipeline import block_cost, measure
-from bpfree.experiment.pipeline_sim import predict, stage_costs
+from bpfree.experiment.pipeline_sim import StageCost, predict, stage_costs
 from bpfree.train.config import resolve
 from bpfree.train.setup import make_optimizer
+
+
+def whole_stages(model, points: list[int], x, y, loss_fn, repeats: int) -> list[tuple[float, float, float]]:
+    """``(F, B, D)`` ms per stage, each stage timed as a whole on the micro-batch ``(x, y)``: F its
+    forward; B BP's backward (the input gradient too, except on stage 0; the loss on the last);
+    D DFA's: the forward cut at the stage's points and one backward call from signals at them
+    (the loss and the head's gradient on the last stage); medians over ``repeats``."""
+    from bpfree import methods
+    from bpfree.pipeline import split_model
+
+    split = split_model(model, 2, x, balance="macs")
+    names = [n for n, _ in methods.create("dfa", model).points]
+    cut = [i for i, (n, _) in enumerate(model.named_children()) if n == names[points[0] - 1]][0]
+    split.bounds = [(0, cut + 1), (cut + 1, len(list(model.children())))]
+    dfa = methods.create("dfa", model)
+    stages = [split.stage_module(model, s) for s in range(2)]
+    with torch.no_grad():
+        inputs = [x, stages[0](x)]
+    e = torch.randn(x.shape[0], 10)
+
+    def clock(fn) -> float:
+        times = []
+        for _ in range(3 + repeats):
+            model.zero_grad(set_to_none=True)
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times[3:]) * 1e3
+
+    out = []
+    for s, stage in enumerate(stages):
+        last = s == 1
+
+        def forward():
+            return stage(inputs[s].detach().requires_grad_(s > 0))
+
+        def bp():
+            h = forward()
+            (loss_fn(h, y) if last else h.sum()).backward()
+
+        def dfa_step():
+            record = dfa.forward_cut(inputs[s], module=stage, tapped=False)
+            roots = [h for h in record.points.values() if h.requires_grad]
+            grads = [torch.randn_like(h) for h in roots]
+            if last:
+                roots.append(loss_fn(record.output, y))
+                grads.append(torch.ones(()))
+            torch.autograd.backward(roots, grads)
+
+        f = clock(forward)
+        out.append((f, clock(bp) - f, clock(dfa_step) - f))
+    del e
+    return out
 
 
 def main() -> None:
@@ -40,6 +95,9 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[])
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--latency-ms", type=float, default=0.0)
+    p.add_argument("--stage-costs", action="store_true",
+                   help="time each stage as a whole (one forward, one backward call) instead of summing the "
+                        "blocks' separately timed costs (which count one autograd call's overhead per block)")
     args = p.parse_args()
     rows = {r["method"]: r for r in json.load(open(args.bench_json))}
     points, M = rows["bp"]["stage_points"], rows["bp"]["microbatches"]
@@ -57,6 +115,10 @@ def main() -> None:
     blocks = [block_cost(b) for b in costs["blocks"]]
     bounds = [(0, points[0]), (points[0], len(blocks))]
     stages = stage_costs(blocks, bounds, block_cost(costs["head"]))
+    if args.stage_costs:
+        updates = [c.update for c in stages]
+        stages = [StageCost(*c, update=u) for c, u in zip(whole_stages(model, points, x[:micro], y[:micro],
+                                                                      task.loss_fn, args.repeats), updates)]
     res = predict(stages, M, args.latency_ms, ("1f1b", "dfa"))
     predicted = res["1f1b"].total / res["dfa"].total
     measured = rows["bp"]["median_ms"] / rows["dfa"]["median_ms"]

@@ -353,7 +353,8 @@ def write(spec: Spec, scale: Scale, seeds: int, jobs: list[Job], records: list[d
                f"{p.warmup}, mean over {seeds} seed(s)); p2p latency {p.latency_ms:g} ms per message. Stages: the "
                f"contiguous cut of the blocks minimising the largest stage's F+B (BP) or F+D (DFA), head on the last "
                f"stage; 'replicated': S above the number of blocks, S identical blocks of the measured mean cost. "
-               f"ms: one optimizer step's M forward and backward passes (no optimizer step). Ratios: throughput of "
+               f"ms: one optimizer step: M forward and backward passes, then each stage's optimizer step over its "
+               f"blocks' parameters (the run's optimizer, timed per block). Ratios: throughput of "
                f"the DFA pipeline over BP's (T_bp / T_dfa). Bubble: 1 − busy / (S × step time). Peak MB: the most "
                f"loaded stage's peak activations (micro-batches held × what its blocks save per micro-batch).")
     doc = {"caption": caption, "stages": list(p.stages), "microbatches": list(p.microbatches),
@@ -404,7 +405,7 @@ def render(spec: Spec, scale: Scale, doc: dict[str, Any], root: Path, jobs: list
                    f"{r['ratio_gpipe']:.2f}", f"{r['bubble']['1f1b']:.0%}", f"{r['bubble']['dfa']:.0%}",
                    " / ".join(f"{r['peak_mb'][k]:.1f}" for k in ("gpipe", "1f1b", "dfa"))] for r in rows]
     cost_head = ["model", "block", "children", "F ms", "B ms (BP)", "W ms (BP, no input grad)", "D ms (DFA)",
-                 "D / B", "saved MB (BP / DFA)"]
+                 "D / B", "update ms", "saved MB (BP / DFA)"]
     cost_rows = []
     for m in doc["models"]:
         for i, b in enumerate(m["blocks"] + [m["head"]]):
@@ -412,6 +413,7 @@ def render(spec: Spec, scale: Scale, doc: dict[str, Any], root: Path, jobs: list
                               f"{b['forward']:.2f}", f"{b['backward']:.2f}", f"{b['weight_backward']:.2f}",
                               f"{b['dfa_backward']:.2f}",
                               f"{b['dfa_backward'] / b['backward']:.2f}" if b["backward"] else "–",
+                              f"{b.get('update', 0.0):.2f}",
                               f"{b['activation_bytes'] / 2**20:.2f} / {b['dfa_activation_bytes'] / 2**20:.2f}"])
     caption = stored_caption(doc, root)
     table = (f"{spec.title} — scale {scale.name}: {caption}\n\n" + markdown_table(head, table_rows)

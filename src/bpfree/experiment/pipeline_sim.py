@@ -310,7 +310,8 @@ def replicate(blocks: Sequence[BlockCost], S: int) -> list[BlockCost]:
 
     block = BlockCost(mean(lambda b: b.forward), mean(lambda b: b.backward), mean(lambda b: b.dfa_backward),
                       mean(_weight_backward), mean(lambda b: b.activation_bytes), mean(lambda b: b.shared_bytes),
-                      mean(lambda b: b.memory("dfa")[0]), mean(lambda b: b.memory("dfa")[1]))
+                      mean(lambda b: b.memory("dfa")[0]), mean(lambda b: b.memory("dfa")[1]),
+                      mean(lambda b: b.update))
     return [block] * S
 
 
