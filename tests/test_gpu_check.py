@@ -35,16 +35,17 @@ def test_the_module_runs_as_make_gpu_check_runs_it():
 
 def test_its_pieces_pass_on_the_cpu():
     out = io.StringIO()
-    rc = gpu_check.main(["--device", "cpu", "--quick", "--only", "steps,parity,syncs,bench,resume",
+    rc = gpu_check.main(["--device", "cpu", "--quick", "--only", "steps,parity,syncs,bench,resume,streams",
                          "--models", "mlp,transformer"], out=out)
     text = out.getvalue()
     assert rc == 0, text
     summary = text[text.rindex("| check | setting |"):].splitlines()[2:]  # the final table's rows
     rows = [l for l in summary if l.startswith("| ")]
-    assert len(rows) == 2 * 2 * 3 + 3 + 3 + 2 + 1  # steps, parity, syncs (skipped), bench, resume
+    assert len(rows) == 2 * 2 * 3 + 3 + 3 + 2 + 1 + 3  # steps, parity, syncs (skipped), bench, resume, streams
     assert all("| ok |" in r or "skipped (CUDA only)" in r for r in rows), rows
     assert "| parity | mlp grape | ok |" in text and "difference 0.0e+00" in text
     assert "bit-identical" in text
+    assert text.count("same .grad (0.0e+00)") == 2 * 3  # on the CPU the streams are the sequential step (line + table)
     assert text.count("| method | median ms/step") == 2  # the two bench tables
 
 
@@ -67,3 +68,4 @@ def test_the_whole_quick_check_passes_on_the_cpu():
     out = io.StringIO()
     assert gpu_check.main(["--device", "cpu", "--quick"], out=out) == 0, out.getvalue()
     assert "| ddp | 2 processes | ok |" in out.getvalue()
+    assert "| pipeline | 2 stages | ok |" in out.getvalue()

@@ -22,6 +22,12 @@ would start after :data:`BUDGET_S` is reported as skipped):
    ends with the weights of the uninterrupted run, bit for bit.
 6. ``ddp``: with two GPUs, two processes (NCCL) train GrAPE: identical weights and ``B_l`` on both
    ranks, different tangents.
+7. ``streams``: DFA and GrAPE with ``parallel=streams`` (every block on its own CUDA stream) fill
+   the ``.grad`` of the sequential step to a relative 1e-5, and the ms per step of both (the
+   median of 5 groups of 10 steps after 5, the device drained around each group) on the MLP and
+   the Transformer.
+8. ``pipeline``: with two GPUs, a 2-stage DFA pipeline (NCCL, one GPU per stage) ends with the
+   weights of one process on the same batches (TF32 off, relative 1e-4).
 
 Then one table of every check. Exit status 0 when every check passed (or was skipped), 1 when
 one failed. Without a GPU it prints one "no GPU" line and exits 0. ``--device cpu --quick``
@@ -35,6 +41,7 @@ import argparse
 import contextlib
 import copy
 import math
+import statistics
 import sys
 import tempfile
 import time
@@ -332,6 +339,70 @@ def ddp_agrees(c: Checker) -> str:
     return f"{backend}: identical weights and B_l on both ranks, different tangents"
 
 
+def streams_agree(c: Checker, model: str, method: str) -> str:
+    """Check 7: ``parallel=streams`` against the sequential step: the same ``.grad``, and the step times."""
+    from . import methods, models, tasks
+    from .train import backends
+    from .train.config import resolve
+
+    data, model_opts, batch = model_setting(model, c.quick)
+    task = tasks.load("synthetic", data, None, 4 * batch, batch).to(c.device)
+    x, y = task.train_batch(0, 0, 0, batch)
+    grads, times = {}, {}
+    with backends.applied(resolve({}, ["tf32=false"]).run, c.device):
+        for parallel in ("none", "streams"):
+            torch.manual_seed(0)
+            net = models.create(model, task.input_shape, task.num_classes, **model_opts).to(c.device)
+            m = methods.create(method, net, parallel=parallel, eta=0.0, every=1) if method == "grape" else \
+                methods.create(method, net, parallel=parallel)
+            for _ in range(2):  # the first step makes B_l
+                net.zero_grad(set_to_none=True)
+                m.step(x, y, task.loss_fn)
+            grads[parallel] = [p.grad.detach().clone() for p in net.parameters() if p.grad is not None]
+            steps, samples = (2 if c.quick else 10), []
+            for _ in range(10):  # 5 groups of warm-up, 5 timed
+                t0 = _now(c.device)
+                for _ in range(steps):
+                    net.zero_grad(set_to_none=True)
+                    m.step(x, y, task.loss_fn)
+                samples.append((_now(c.device) - t0) / steps)
+            times[parallel] = statistics.median(samples[5:]) * 1e3
+    worst = max(float((a - b).abs().max()) / (float(a.abs().max()) or 1.0)
+                for a, b in zip(grads["none"], grads["streams"]))
+    if worst > 1e-5:
+        raise RuntimeError(f"parallel=streams fills .grad {worst:.2e} (relative) away from the sequential step")
+    return (f"same .grad ({worst:.1e}); ms/step sequential {times['none']:.2f}, streams {times['streams']:.2f} "
+            f"({times['streams'] / times['none']:.2f}x)")
+
+
+def _pipeline_worker(root: str, device: str, quick: bool) -> None:
+    """One stage of check 8: a 2-stage DFA pipeline through the training loop."""
+    from .train.loop import Run
+
+    cfg = config("mlp", "dfa", torch.device(device), quick, 8, pipeline=2, microbatches=4, tf32=False,
+                 dist_timeout=120.0)
+    Run(cfg, Path(root) / "pipeline", progress=False, overwrite=True).fit()
+
+
+def pipeline_agrees(c: Checker) -> str:
+    """Check 8: a 2-stage DFA pipeline (NCCL on two GPUs; gloo on the CPU) against one process."""
+    from . import distributed
+    from .train.checkpoint import load_checkpoint
+    from .train.loop import Run
+
+    kind = "cuda" if c.device.type == "cuda" else "cpu"
+    distributed.spawn(2, _pipeline_worker, str(c.root), kind, c.quick, device=kind, timeout=120.0)
+    single = Run(config("mlp", "dfa", c.device, c.quick, 8, tf32=False), c.root / "pipeline-single", progress=False,
+                 overwrite=True)
+    single.fit()
+    got = load_checkpoint(c.root / "pipeline" / "checkpoint.pt", map_location="cpu")["model"]
+    want = {k: v.cpu() for k, v in single.model.state_dict().items()}
+    worst = max(float((got[k] - want[k]).abs().max()) / (float(want[k].abs().max()) or 1.0) for k in want)
+    if worst > 1e-4:
+        raise RuntimeError(f"the pipeline's weights differ from one process's by {worst:.2e} (relative)")
+    return f"{distributed.backend(kind)}: the weights of one process ({worst:.1e} relative)"
+
+
 # --------------------------------------------------------------------------- the script
 
 
@@ -356,7 +427,7 @@ def main(argv: list[str] | None = None, out=None) -> int:
     parser.add_argument("--device", default=None, help="run the checks here instead (cpu: the pieces, no GPU needed)")
     parser.add_argument("--quick", action="store_true", help="tiny models and few steps (for the CPU and tests)")
     parser.add_argument("--only", default="", help="comma-separated checks to run (steps, parity, syncs, bench, "
-                                                   "resume, ddp); default all")
+                                                   "resume, ddp, streams, pipeline); default all")
     parser.add_argument("--models", default=",".join(MODELS), help="models of the steps check (default: all)")
     parser.add_argument("--methods", default=",".join(METHODS), help="methods of the steps check (default: all)")
     args = parser.parse_args(argv)
@@ -398,6 +469,14 @@ def main(argv: list[str] | None = None, out=None) -> int:
                 c.rows.append(Row("ddp", "2 processes", "skipped (needs 2 GPUs)"))
             else:
                 c.run("ddp", "2 processes", lambda: ddp_agrees(c))
+        if want("streams"):
+            for model, method in (("mlp", "dfa"), ("mlp", "grape"), ("transformer", "dfa")):
+                c.run("streams", f"{model} {method}", lambda: streams_agree(c, model, method))
+        if want("pipeline"):
+            if device.type == "cuda" and torch.cuda.device_count() < 2:
+                c.rows.append(Row("pipeline", "2 stages", "skipped (needs 2 GPUs)"))
+            else:
+                c.run("pipeline", "2 stages", lambda: pipeline_agrees(c))
     total = time.perf_counter() - c.start
     print(f"\n{header(device)}; {total:.0f} s in all\n\n{table(c.rows)}", file=out, flush=True)
     return 1 if any(r.result == "FAIL" for r in c.rows) else 0
