@@ -255,3 +255,64 @@ def test_a_pipeline_run_killed_with_sigkill_resumes_to_the_uninterrupted_weights
     assert single["steps"] == 30
     for key, value in checkpoint(tmp_path / "single")["model"].items():
         torch.testing.assert_close(b["model"][key], value, atol=1e-5, rtol=0)
+
+
+# --------------------------------------------------------------------------- BatchNorm: per micro-batch
+
+BN_STEPS, BN_MICRO = 3, 4
+
+
+def bn_build(method: str):
+    torch.manual_seed(0)
+    model = models.create("cnn", (1, 28, 28), 10, channels=(4, 8), hidden=16)
+    return model, methods.create(method, model)
+
+
+def bn_batches():
+    g = torch.Generator().manual_seed(2)
+    return [(torch.randn(24, 1, 28, 28, generator=g), torch.randint(0, 10, (24,), generator=g))
+            for _ in range(BN_STEPS)]
+
+
+def _pipelined_bn(out: str) -> None:
+    rank = dist.get_rank()
+    results = {}
+    for method in ("dfa", "bp"):
+        model, m = bn_build(method)
+        data = bn_batches()
+        pipe = make_pipeline(m, model, 2, rank, BN_MICRO, data[0][0], torch.device("cpu"))
+        opt = torch.optim.SGD(pipe.module.parameters(), lr=0.1)
+        for x, y in data:
+            opt.zero_grad(set_to_none=True)
+            pipe.step(x, y, nn.functional.cross_entropy)
+            opt.step()
+        results[method] = {k: v.tolist() for k, v in pipe.module.state_dict().items()}
+    with open(f"{out}.{rank}", "w") as f:
+        json.dump(results, f)
+
+
+def test_with_batchnorm_a_pipeline_is_one_process_accumulating_the_same_micro_batches(tmp_path):
+    """BatchNorm normalises each micro-batch with its own statistics and moves its running
+    statistics once per micro-batch, so the reference is one process that runs the micro-batches in
+    turn, ``loss_m = w_m L`` each, accumulating ``.grad``: DFA's pipeline and BP's (whose library
+    must not move the statistics when it learns the stages' shapes) end with its weights and
+    running statistics."""
+    out = str(tmp_path / "bn")
+    distributed.spawn(2, _pipelined_bn, out)
+    got = {}
+    for r in range(2):
+        for method, state in json.load(open(f"{out}.{r}")).items():
+            got.setdefault(method, {}).update(state)
+    for method in ("dfa", "bp"):
+        model, m = bn_build(method)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for x, y in bn_batches():
+            opt.zero_grad(set_to_none=True)
+            for xm, ym, w in microbatches(x, y, BN_MICRO):
+                m.step(xm, ym, lambda out, t, w=w: nn.functional.cross_entropy(out, t) * w)
+            opt.step()
+        reference = model.state_dict()
+        assert set(got[method]) == set(reference)
+        for key, value in reference.items():
+            torch.testing.assert_close(torch.tensor(got[method][key], dtype=value.dtype), value, atol=1e-5, rtol=0,
+                                       msg=lambda s: f"{method}, {key}: {s}")

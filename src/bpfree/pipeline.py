@@ -34,8 +34,8 @@ process would. Every rank draws the tangents of *all* points (in forward order, 
 stream), so the stream, the estimates, ``Jbar`` and every ``B_l`` equal a single process's on every
 rank (:class:`FeedbackPipeline` creates the ``B_l`` at set-up from the same stream). With no
 BatchNorm (whose batch statistics are per micro-batch) a pipeline run ends with the weights of a
-single-process run with the same ``tangents`` on the same batches, to float rounding
-(``tests/test_pipeline.py``).
+single-process run with the same ``tangents`` on the same batches, to float rounding; with it, those
+of one process that accumulates the same micro-batches (``tests/test_pipeline.py``).
 
 BP on the same split
 --------------------
@@ -433,6 +433,24 @@ class BackpropPipeline:
         loss_fn, n = self._loss
         return loss_fn(out, target) * (out.shape[0] / n)
 
+    def _warm_up(self, schedule: object, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) -> None:
+        """One step of a new schedule on zeros, leaving no trace: the library learns the stages'
+        shapes in its first step by running each stage on placeholder tensors, which would move
+        BatchNorm's running statistics (to NaN); here buffers, ``.grad`` and the random state are
+        put back after it."""
+        grads = [(p, p.grad) for p in self.module.parameters()]
+        self._loss = (loss_fn, x.shape[0])
+        with preserved_buffers(self.module), torch.random.fork_rng(devices=[] if self.device.type == "cpu"
+                                                                  else [self.device]):
+            if self.stage == 0:
+                schedule.step(torch.zeros_like(x))
+            elif self.stage == self.group.last:
+                schedule.step(target=y, losses=[])
+            else:
+                schedule.step()
+        for p, g in grads:
+            p.grad = g
+
     def step(self, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) -> StepResult:
         n, g = x.shape[0], self.group
         # torch.distributed.pipelining sizes a stage's buffers from its first micro-batch, so BP's
@@ -443,7 +461,8 @@ class BackpropPipeline:
         if key not in self._schedules:
             stage = self._stage_kind(self.module, self.stage, self.split.stages, self.device)
             kind = self._kind if m >= self.split.stages else self._gpipe  # 1F1B needs M >= S
-            self._schedules[key] = kind(stage, m, loss_fn=self._weighted_loss, scale_grads=False)
+            self._schedules[key] = schedule = kind(stage, m, loss_fn=self._weighted_loss, scale_grads=False)
+            self._warm_up(schedule, x, y, loss_fn)
         schedule = self._schedules[key]
         self._loss = (loss_fn, n)
         if self.stage == 0:
