@@ -318,3 +318,37 @@ def test_preset_reaches_runs_configured_from_the_command_line():
                    "method": {"preset": "grape2025", "eta": 0.3}})
     assert cfg.method["rule"] == "rescale" and cfg.method["eta"] == 0.3
     assert bpfree.methods.create("grape", mlp(), **cfg.method).options.rule == "rescale"
+
+
+@pytest.mark.parametrize("tangents,estimator", [("forward", "subbatch"), ("central", "subbatch"),
+                                                ("auto", "train-pass")])
+def test_align_flat_perturbs_only_the_flat_points(tangents, estimator):
+    # On the CNN the only flat point is fc1's, and the head after it is linear: with the image
+    # points unperturbed, u = d W_head^T exactly, so J~ = W_head (d^T d) / k with d the one draw the
+    # generator made (regenerated from its state); were a conv point perturbed too, u would carry
+    # its term and the estimate would differ. Train-pass: Jbar after two steps is the mean of the
+    # two steps' estimates, each over the whole batch.
+    torch.manual_seed(0)
+    model = bpfree.models.create("cnn", (1, 8, 8), 3, channels=(2, 3), hidden=4)
+    grape = bpfree.methods.create("grape", model, align="flat", tangents=tangents, estimator=estimator,
+                                  samples=6, every=1, eta=0.0)
+    x, y = torch.randn(6, 1, 8, 8), torch.randint(0, 3, (6,))
+    W = model.head.weight.detach().clone()  # eta = 0 and no optimizer step: the head stays
+    flat = [name for name, _ in grape.points if name.startswith("fc")]
+
+    def closed_form(state):
+        d = torch.randn((6, 4), generator=torch.Generator().set_state(state))
+        return W @ (d.t() @ d) / 6
+
+    states = [grape.tangent_generator(x.device).get_state()]
+    grape.step(x, y, nn.functional.cross_entropy)  # makes B_l
+    states.append(grape.tangent_generator(x.device).get_state())
+    if estimator == "train-pass":
+        grape.step(x, y, nn.functional.cross_entropy)
+        est = grape.jacobian_estimates()
+        expected = (closed_form(states[0]) + closed_form(states[1])) / 2
+    else:
+        est = grape.estimator(x.device).estimate(x, grape.forward_cut(x))
+        expected = closed_form(states[1])
+    assert set(est) == set(flat)
+    torch.testing.assert_close(est[flat[0]], expected, rtol=1e-4, atol=1e-5)

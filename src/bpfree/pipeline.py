@@ -354,13 +354,16 @@ class FeedbackPipeline:
         """
         g, split, s = self.group, self.split, self.stage
         k = min(probe.samples, x.shape[0])
-        d = {name: probe.draw((k, *shape), probe.generator, x.device, x.dtype)
-             for name, shape in split.point_shapes.items()}
+        drawn = {name: probe.draw((k, *shape), probe.generator, x.device, x.dtype)
+                 for name, shape in split.point_shapes.items()}
+        d = {name: t for name, t in drawn.items() if t is not None}  # a declined point is not perturbed
         names, forward, step = self.names, probe.scheme == "forward", probe.step
         rows = torch.arange(k).tensor_split(min(self.microbatches, k))
         chunk: list[slice] = [slice(0, 0)]
 
         def inject(point: FeedbackPoint, h: torch.Tensor) -> torch.Tensor:
+            if names[id(point)] not in d:
+                return h
             dl = d[names[id(point)]][chunk[0]]
             if not forward:  # h holds [h_+; h_-]
                 n = dl.shape[0]

@@ -24,8 +24,9 @@ from ..points import FeedbackPoint, Head, handled
 from .matrices import flat_features, lead_dims
 
 
-#: ``draw(shape, generator, device, dtype)``: one tangent per sample, shaped like ``h_l``.
-TangentDraw = Callable[[tuple[int, ...], torch.Generator, torch.device, torch.dtype], torch.Tensor]
+#: ``draw(shape, generator, device, dtype)``: one tangent per sample, shaped like ``h_l``, or ``None``:
+#: the point is not perturbed (it gets no estimate, and adds no noise to the others').
+TangentDraw = Callable[[tuple[int, ...], torch.Generator, torch.device, torch.dtype], torch.Tensor | None]
 
 
 def gaussian_tangents(shape: tuple[int, ...], generator: torch.Generator, device, dtype) -> torch.Tensor:
@@ -42,6 +43,13 @@ def dct_basis(q: int, n: int, device: str, dtype: torch.dtype) -> torch.Tensor:
     D = torch.cos(math.pi * (t + 0.5) * f / n) * math.sqrt(2.0 / n)
     D[0] /= math.sqrt(2.0)
     return D.to(device=device, dtype=dtype)
+
+
+def flat_only(draw: TangentDraw) -> TangentDraw:
+    """``draw`` at flat and per-token points; image points (4-D ``(batch, C, H, W)``) decline."""
+    def declining(shape, generator, device, dtype):
+        return None if len(shape) >= 4 else draw(shape, generator, device, dtype)
+    return declining
 
 
 def spatial_tangents(modes: int) -> TangentDraw:
@@ -181,6 +189,8 @@ def sample_jacobians(
         if only is not None and name != only:
             return h
         d = draw(tuple(h.shape), generator, h.device, h.dtype)
+        if d is None:
+            return h
         tangents[name] = d
         primal, tangent = fwAD.unpack_dual(h)
         return fwAD.make_dual(primal, d if tangent is None else tangent + d)
@@ -343,6 +353,8 @@ def _perturbed_pass(model: nn.Module, x: torch.Tensor, names: dict[int, str], ge
         if isinstance(point, Head):
             raise _HeadReached(h)
         d = draw((k,) + tuple(h.shape[1:]), generator, h.device, h.dtype)
+        if d is None:
+            return h
         tangents[names[id(point)]] = d
         if len(signs) == 1:
             return torch.add(h, d, alpha=signs[0])

@@ -319,7 +319,10 @@ class DirectFeedback(Method):
                 streams.next_block()
             if draw is None:
                 return h.detach()
-            d = tangents[name] = draw(h)
+            d = draw(h)
+            if d is None:  # a point the draw declines: no tangent of its own
+                return h.detach() if tangent is None else fwAD.make_dual(h.detach(), tangent.detach())
+            tangents[name] = d
             return fwAD.make_dual(h.detach(), d if tangent is None else tangent.detach() + d)
 
         model = self.model if module is None else module

@@ -12,6 +12,7 @@ from ..feedback.estimators import (
     RunningJacobian,
     block_parameters,
     central_difference_jacobians,
+    flat_only,
     onesided_difference_jacobians,
     outer_mean,
     per_sample_forward,
@@ -89,7 +90,8 @@ class GrAPE(DirectFeedback):
                                     "modes x modes lowest spatial frequencies (DCT) per channel: the estimate targets the "
                                     "low-frequency part of Jbar with far fewer noisy dimensions (0: all frequencies)")
         align: str = option("all", "which points' B_l follow the estimate: all, or flat (points of shape (batch, n) or "
-                            "(batch, T, d); image points (batch, C, H, W) keep their random B_l, as in DFA)",
+                            "(batch, T, d); image points (batch, C, H, W) keep their random B_l, as in DFA, and "
+                            "are not perturbed)",
                             choices=("all", "flat"))
         preset: str = option("published", "a named set of defaults for the options not given: published (these defaults) "
                              "or grape2025 (the original rule=rescale, eta=1e-3, cumulative average, 64 samples every 4 steps)",
@@ -171,7 +173,7 @@ class GrAPE(DirectFeedback):
                     self._blocks = block_parameters(model, x[:k], names)
                 return weight_perturbation_jacobians(model, x[:k], names, self._blocks, g)
             return Estimator(weight)
-        tangent = spatial_tangents(o.spatial_modes)
+        tangent = self.tangent_draw()
         if o.estimator == "train-pass":
             def draw(h: torch.Tensor) -> torch.Tensor:
                 return tangent(tuple(h.shape), g, h.device, h.dtype)
@@ -192,9 +194,19 @@ class GrAPE(DirectFeedback):
                 model, x[:k], names, g, record.error_at[:k].detach(), o.fd_step, markers, tangent))
         if o.points == "joint":
             return Estimator(lambda x, record: sample_jacobians(model, x[:k], names, g, points=markers, draw=tangent))
-        return Estimator(lambda x, record: {name: sample_jacobians(model, x[:k], names, g, only=name, points=markers,
-                                                                   draw=tangent)[name]
-                                            for name, _ in self.points})
+        def each(x: torch.Tensor, record: CutPass) -> dict[str, torch.Tensor]:
+            out = {}
+            for name, _ in self.points:
+                out.update(sample_jacobians(model, x[:k], names, g, only=name, points=markers, draw=tangent))
+            return out
+        return Estimator(each)
+
+    def tangent_draw(self):
+        """The activity tangents: ``spatial_modes`` frequencies at image points, or none there with
+        ``align=flat`` (their ``B_l`` stay fixed, so they are not perturbed and add no noise to the
+        flat points' estimates)."""
+        draw = spatial_tangents(self.options.spatial_modes)
+        return flat_only(draw) if self.options.align == "flat" else draw
 
     def check_pipelined(self) -> None:
         """A pipeline stage sees only its own blocks, so the estimate is one a pipeline can carry from
@@ -214,7 +226,7 @@ class GrAPE(DirectFeedback):
         if not self.update_due():
             return None
         o = self.options
-        return TangentProbe(self.tangent_generator(device), spatial_tangents(o.spatial_modes), o.samples,
+        return TangentProbe(self.tangent_generator(device), self.tangent_draw(), o.samples,
                             "forward" if o.tangents == "forward" else "central", o.fd_step)
 
     def before_delivery(self, record: CutPass, x: torch.Tensor) -> None:
