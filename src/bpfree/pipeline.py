@@ -19,7 +19,8 @@ sizes differing by at most one, weights ``w_m = n_m / n``). Activations flow for
   sends its output ``h`` (``(n_m, *features)``) to stage ``s + 1``;
 * the last stage runs the head, ``loss_m = w_m L(y_m, t_m)``, and one backward call yields
   ``e_m = d loss_m / d y_m`` (``(n_m, o)``), the head's gradients and its own points' signals; it
-  sends ``e_m`` to every other stage;
+  sends ``e_m`` to every other stage the moment the error tap receives it, before its own blocks'
+  backward runs;
 * stage ``s`` delivers ``B_l e_m`` into its blocks once ``e_m`` arrives, ``w_s = S - 1 - s``
   micro-batches after it ran that forward (the warm-up: the forwards still in flight downstream); no
   stage ever waits for another stage's backward pass, and no gradient crosses a stage boundary.
@@ -302,10 +303,14 @@ class FeedbackPipeline:
             if s == g.last:
                 record = method.forward_cut(h, module=self.module)
                 record.delivery.target = _scaled(method.link_target(record, ym), w)
+
+                def send_error(e: torch.Tensor) -> None:  # as soon as the tap has e: before this stage's blocks
+                    e = e.contiguous()
+                    sends.extend((dist.isend(e, r, tag=TAG_ERROR), e) for r in range(g.last))
+
+                record.delivery.on_error = send_error
                 loss = loss_fn(record.output, ym) * w
-                loss.backward()  # e, the head's gradients, this stage's signals
-                e = record.delivery.error.contiguous()
-                sends += [(dist.isend(e, r, tag=TAG_ERROR), e) for r in range(g.last)]
+                method.deliver(record, loss)  # one backward call: e, the head's gradients, this stage's signals
                 method.after_delivery(record)
                 outputs.append(record.output.detach())
                 losses.append(loss.detach())

@@ -57,14 +57,17 @@ class Delivery:
     """What the error tap shares with the rest of one step.
 
     ``error``: ``e``, set by the tap during the backward call; ``target``: what the links receive in
-    place of ``e`` when a method projects something else (DRTP's one-hot targets), set before it.
+    place of ``e`` when a method projects something else (DRTP's one-hot targets), set before it;
+    ``on_error``: called with ``e`` the moment the tap receives it, before any block's backward runs
+    (a pipeline's last stage sends ``e`` to the other stages from here).
     """
 
-    __slots__ = ("error", "target")
+    __slots__ = ("error", "target", "on_error")
 
     def __init__(self) -> None:
         self.error: torch.Tensor | None = None
         self.target: torch.Tensor | None = None
+        self.on_error: Callable[[torch.Tensor], None] | None = None
 
 
 class _ErrorTap(torch.autograd.Function):
@@ -83,6 +86,8 @@ class _ErrorTap(torch.autograd.Function):
     def backward(ctx, e: torch.Tensor):
         d = ctx.delivery
         d.error = e
+        if d.on_error is not None:
+            d.on_error(e)
         g = e if d.target is None else d.target
         return (e, None) + tuple(g if g.shape == shape and g.dtype == dtype else g.reshape(shape).to(dtype)
                                  for shape, dtype in ctx.metas)
