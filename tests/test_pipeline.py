@@ -316,3 +316,22 @@ def test_with_batchnorm_a_pipeline_is_one_process_accumulating_the_same_micro_ba
         for key, value in reference.items():
             torch.testing.assert_close(torch.tensor(got[method][key], dtype=value.dtype), value, atol=1e-5, rtol=0,
                                        msg=lambda s: f"{method}, {key}: {s}")
+
+
+def test_the_error_leaves_the_tap_before_any_block_runs_its_backward():
+    # the last stage sends e from Delivery.on_error: it must be called with e = dL/dy (autograd's,
+    # recomputed here) before any block's weight gradient exists, the head's included
+    model, dfa = build("dfa", {})
+    x, y = batches()[0]
+    dfa.step(x, y, nn.functional.cross_entropy)  # makes B_l: later steps link every point
+    model.zero_grad(set_to_none=True)
+    events = []
+    for i, layer in enumerate(m for m in model.modules() if isinstance(m, nn.Linear)):
+        layer.weight.register_post_accumulate_grad_hook(lambda p, i=i: events.append(("grad", i)))
+    record = dfa.forward_cut(x)
+    record.delivery.on_error = lambda e: events.append(("e", e.detach().clone()))
+    out = record.output
+    dfa.deliver(record, nn.functional.cross_entropy(out, y))
+    assert events[0][0] == "e" and sum(1 for k, _ in events if k == "grad") == len(WIDTHS) + 1
+    y0 = out.detach().requires_grad_()
+    torch.testing.assert_close(events[0][1], torch.autograd.grad(nn.functional.cross_entropy(y0, y), y0)[0])
