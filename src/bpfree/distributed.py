@@ -624,6 +624,10 @@ def from_environment(device: str | None = None, timeout: float | None = None) ->
     dist.init_process_group(backend=chosen, init_method="env://", **options)
     try:
         yield Workers.current()
+        # every rank is done before any tears its connections down: a peer that closes them while
+        # another still finishes its last messages can make that one's transport threads abort
+        if dist.is_initialized():
+            dist.barrier()
     finally:
         dist.destroy_process_group()
 
