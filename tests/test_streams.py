@@ -30,6 +30,7 @@ def build(method, **options):
 @pytest.mark.parametrize("method", ["dfa", "grape", "drtp", "dkp"])
 def test_streams_change_nothing_on_the_cpu(method):
     x, y = torch.randn(10, 8), torch.randint(0, 4, (10,))
+    assert BlockStreams().forward(torch.device("cpu"), True) is None  # no streams, nothing made per step
     results = []
     for parallel in ("none", "streams"):
         model, m = build(method, parallel=parallel)
@@ -73,7 +74,7 @@ class ActiveStreams(BlockStreams):
     """A pool that is active on any device (the stand-in plays CUDA)."""
 
     def forward(self, device, enabled):
-        return StreamPass(self if enabled else None, device)
+        return StreamPass(self, device) if enabled else None
 
 
 def test_each_block_queues_on_its_own_stream_and_the_caller_joins_them_all():

@@ -38,17 +38,15 @@ def whole_stages(model, points: list[int], x, y, loss_fn, repeats: int) -> list[
     D DFA's: the forward cut at the stage's points and one backward call from signals at them
     (the loss and the head's gradient on the last stage); medians over ``repeats``."""
     from bpfree import methods
-    from bpfree.pipeline import split_model
+    from bpfree.pipeline import Split
 
-    split = split_model(model, 2, x, balance="macs")
-    names = [n for n, _ in methods.create("dfa", model).points]
-    cut = [i for i, (n, _) in enumerate(model.named_children()) if n == names[points[0] - 1]][0]
-    split.bounds = [(0, cut + 1), (cut + 1, len(list(model.children())))]
     dfa = methods.create("dfa", model)
-    stages = [split.stage_module(model, s) for s in range(2)]
+    children = list(model.named_children())
+    cut = next(i for i, (n, _) in enumerate(children) if n == dfa.points[points[0] - 1][0])
+    bounds = [(0, cut + 1), (cut + 1, len(children))]
+    stages = [Split(bounds, [], {}, [], (), []).stage_module(model, s) for s in range(2)]
     with torch.no_grad():
         inputs = [x, stages[0](x)]
-    e = torch.randn(x.shape[0], 10)
 
     def clock(fn) -> float:
         times = []
@@ -62,6 +60,9 @@ def whole_stages(model, points: list[int], x, y, loss_fn, repeats: int) -> list[
     out = []
     for s, stage in enumerate(stages):
         last = s == 1
+        # the signals are drawn once, outside the clock
+        signals = {name: torch.randn_like(h) for name, h in dfa.forward_cut(inputs[s], module=stage,
+                                                                             tapped=False).points.items()}
 
         def forward():
             return stage(inputs[s].detach().requires_grad_(s > 0))
@@ -72,16 +73,11 @@ def whole_stages(model, points: list[int], x, y, loss_fn, repeats: int) -> list[
 
         def dfa_step():
             record = dfa.forward_cut(inputs[s], module=stage, tapped=False)
-            roots = [h for h in record.points.values() if h.requires_grad]
-            grads = [torch.randn_like(h) for h in roots]
-            if last:
-                roots.append(loss_fn(record.output, y))
-                grads.append(torch.ones(()))
-            torch.autograd.backward(roots, grads)
+            extra = [(loss_fn(record.output, y), torch.ones(()))] if last else []
+            dfa.backward_signals(record, signals, extra)
 
         f = clock(forward)
         out.append((f, clock(bp) - f, clock(dfa_step) - f))
-    del e
     return out
 
 

@@ -353,8 +353,7 @@ def streams_agree(c: Checker, model: str, method: str) -> str:
         for parallel in ("none", "streams"):
             torch.manual_seed(0)
             net = models.create(model, task.input_shape, task.num_classes, **model_opts).to(c.device)
-            m = methods.create(method, net, parallel=parallel, eta=0.0, every=1) if method == "grape" else \
-                methods.create(method, net, parallel=parallel)
+            m = methods.create(method, net, parallel=parallel, **({"eta": 0.0, "every": 1} if method == "grape" else {}))
             for _ in range(2):  # the first step makes B_l
                 net.zero_grad(set_to_none=True)
                 m.step(x, y, task.loss_fn)

@@ -161,7 +161,7 @@ def split_model(model: nn.Module, stages: int, example: torch.Tensor, balance: s
     # the shape and cost pass
     counts = [0.0] * len(children)
     hooks = [sub.register_forward_hook(_macs_hook(counts, i)) for i, (_, child) in enumerate(children)
-             for sub in child.modules()]
+             for sub in child.modules()] if balance == "macs" else []
     names = {id(m): n for n, m in model.named_modules() if isinstance(m, FeedbackPoint)}
     shapes: dict[str, tuple[int, ...]] = {}
     outputs: dict[int, tuple[int, ...]] = {}
@@ -179,8 +179,6 @@ def split_model(model: nn.Module, stages: int, example: torch.Tensor, balance: s
             for i, (_, child) in enumerate(children):
                 h = child(h)
                 outputs[i] = tuple(h.shape[1:])
-            for hook in hooks:
-                hook.remove()
             for _ in range(repeats if balance == "time" else 0):
                 h = example
                 for i, (_, child) in enumerate(children):
@@ -337,14 +335,7 @@ class FeedbackPipeline:
         method = self.method
         record.delivery.error = e
         record.delivery.target = _scaled(method.link_target(dataclasses.replace(record, output=e), y), w)
-        roots, grads = [], []
-        for name, signal in method.signals(record, e).items():
-            h = record.points[name]
-            if h.requires_grad:
-                roots.append(h)
-                grads.append(signal.reshape(h.shape).to(h.dtype))
-        if roots:
-            torch.autograd.backward(roots, grads)
+        method.backward_signals(record, method.signals(record, e))
         method.after_delivery(record)
 
     def align(self, x: torch.Tensor, probe: TangentProbe) -> None:

@@ -47,18 +47,15 @@ class _CudaStreams:
 
 class StreamPass:
     """The streams of one forward pass: ``next_block()`` at each point, ``end_forward()`` after the
-    model, ``join()`` after the backward call. Inactive (every call a no-op) off CUDA."""
+    model, ``join()`` after the backward call."""
 
-    def __init__(self, pool: "BlockStreams | None", device: torch.device) -> None:
+    def __init__(self, pool: "BlockStreams", device: torch.device) -> None:
         self.pool, self.device = pool, device
-        self.active = pool is not None
         self.used: list[Any] = []
-        self.caller = pool.api.current(device) if self.active else None
+        self.caller = pool.api.current(device)
 
     def next_block(self) -> None:
         """From here on the pass queues on the next block's stream (after the current one's work)."""
-        if not self.active:
-            return
         api = self.pool.api
         stream = self.pool.stream(len(self.used), self.device)
         stream.wait_stream(api.current(self.device))
@@ -67,16 +64,15 @@ class StreamPass:
 
     def end_forward(self) -> None:
         """Back on the caller's stream, which waits for the last block's (the head's) forward work."""
-        if self.active and self.used:
+        if self.used:
             api = self.pool.api
             self.caller.wait_stream(api.current(self.device))
             api.use(self.caller)
 
     def join(self) -> None:
         """The caller's stream waits for every block's stream (their backward work included)."""
-        if self.active:
-            for stream in self.used:
-                self.caller.wait_stream(stream)
+        for stream in self.used:
+            self.caller.wait_stream(stream)
 
 
 class BlockStreams:
@@ -91,6 +87,7 @@ class BlockStreams:
             self._pool.append(self.api.make(device))
         return self._pool[index]
 
-    def forward(self, device: torch.device, enabled: bool) -> StreamPass:
-        """The streams of one forward pass on ``device`` (inactive unless ``enabled`` and on CUDA)."""
-        return StreamPass(self if enabled and device.type == "cuda" else None, device)
+    def forward(self, device: torch.device, enabled: bool) -> StreamPass | None:
+        """The streams of one forward pass on ``device``; ``None`` (no streams, nothing to do)
+        unless ``enabled`` and on CUDA."""
+        return StreamPass(self, device) if enabled and device.type == "cuda" else None

@@ -25,7 +25,7 @@ import torch
 from .. import bench as harness
 from ..options import OptionError, option
 from ..plots import LINESTYLES, MARKERS, curve, method_colour, reference_line
-from .common import (Job, build_params, markdown_table, mean_std, pm, pyplot, save_figure, save_result, slug,
+from .common import (Job, markdown_table, mean_std, pm, pyplot, save_figure, save_result, slug, split_params,
                      stored_caption)
 from .spec import Scale, Spec
 from .train import compose
@@ -49,14 +49,11 @@ class Params:
 
 
 PARAMS = Params
-FIELDS = {f.name for f in dataclasses.fields(Params)}
 
 
 def params(spec: Spec, scale: Scale) -> tuple[Params, dict[str, Any]]:
     """The ``[bench]`` parameters, and the scale's other keys (run configuration overrides)."""
-    own = {k: v for k, v in scale.overrides.items() if k in FIELDS}
-    rest = {k: v for k, v in scale.overrides.items() if k not in FIELDS}
-    return build_params(Params, spec, {**spec.params, **own}), rest
+    return split_params(Params, spec, scale.overrides)
 
 
 def jobs(spec: Spec, scale: Scale, seeds: int, root: Path) -> list[Job]:

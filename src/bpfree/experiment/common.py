@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import math
 import re
@@ -63,6 +65,14 @@ def build_params(cls: type, spec: Spec, values: dict[str, Any]) -> Any:
         return opts.build(cls, values, what=f"[{spec.kind}]")
     except OptionError as err:
         raise OptionError(f"{spec.path}: {err}") from None
+
+
+def split_params(cls: type, spec: Spec, overrides: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """The kind's parameters (``cls``) from ``[kind]`` and the scale's keys that are its fields,
+    and the scale's other keys (run configuration overrides)."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    own = {k: v for k, v in overrides.items() if k in fields}
+    return build_params(cls, spec, {**spec.params, **own}), {k: v for k, v in overrides.items() if k not in fields}
 
 
 def to_json(obj: Any) -> Any:

@@ -44,7 +44,6 @@ line per M, and the peak memory against S at the largest M.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 import statistics
 import time
@@ -60,7 +59,7 @@ from ..plots import MARKERS, curve, method_colour, reference_line, sequential
 from ..points import FeedbackPoint, Head, feedback_points
 from ..train.config import resolve
 from . import pipeline_sim as sim
-from .common import (Job, build_params, markdown_table, pyplot, save_figure, save_result, slug, stored_caption)
+from .common import Job, markdown_table, pyplot, save_figure, save_result, slug, split_params, stored_caption
 from .spec import Scale, Spec, variant_keys
 from .train import compose
 
@@ -84,14 +83,11 @@ class Params:
 
 
 PARAMS = Params
-FIELDS = {f.name for f in dataclasses.fields(Params)}
 
 
 def params(spec: Spec, scale: Scale) -> tuple[Params, dict[str, Any]]:
     """The ``[pipeline]`` parameters, and the scale's other keys (run configuration overrides)."""
-    own = {k: v for k, v in scale.overrides.items() if k in FIELDS}
-    rest = {k: v for k, v in scale.overrides.items() if k not in FIELDS}
-    return build_params(Params, spec, {**spec.params, **own}), rest
+    return split_params(Params, spec, scale.overrides)
 
 
 def jobs(spec: Spec, scale: Scale, seeds: int, root: Path) -> list[Job]:

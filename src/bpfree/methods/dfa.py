@@ -265,7 +265,8 @@ class DirectFeedback(Method):
         record.delivery.target = self.link_target(record, y)
         loss = loss_fn(record.output, y)
         self.deliver(record, loss)
-        streams.join()
+        if streams is not None:
+            streams.join()
         self.after_delivery(record)
         if self.options.calibrate_every and self.options.calibrate_scale == "feedback-norm":
             self.track_gradient_norm()
@@ -445,10 +446,17 @@ class DirectFeedback(Method):
         loss.backward()
         e = record.error_leaf.grad
         signals = signals_of(e)
-        roots, grads = [], []
-        if record.error_at.requires_grad:
-            roots.append(record.error_at)
-            grads.append(e.to(record.error_at.dtype))
+        head = [(record.error_at, e)] if record.error_at.requires_grad else []
+        DirectFeedback.backward_signals(record, signals, head)
+        return signals
+
+    @staticmethod
+    def backward_signals(record: CutPass, signals: dict[str, torch.Tensor],
+                         extra: list[tuple[torch.Tensor, torch.Tensor]] = ()) -> None:
+        """One autograd call that sends every point's ``signal`` into ``record.points[name]`` (its
+        ``h_l``, reshaped and cast to it), and each ``(root, grad)`` of ``extra`` into its root."""
+        roots = [root for root, _ in extra]
+        grads = [grad.to(root.dtype) for root, grad in extra]
         for name, signal in signals.items():
             h = record.points[name]
             if h.requires_grad:
@@ -456,7 +464,6 @@ class DirectFeedback(Method):
                 grads.append(signal.reshape(h.shape).to(h.dtype))
         if roots:
             torch.autograd.backward(roots, grads)
-        return signals
 
     # -- calibration ----------------------------------------------------------------------------
     def calibration_due(self) -> bool:
