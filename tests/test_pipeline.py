@@ -335,3 +335,27 @@ def test_the_error_leaves_the_tap_before_any_block_runs_its_backward():
     assert events[0][0] == "e" and sum(1 for k, _ in events if k == "grad") == len(WIDTHS) + 1
     y0 = out.detach().requires_grad_()
     torch.testing.assert_close(events[0][1], torch.autograd.grad(nn.functional.cross_entropy(y0, y), y0)[0])
+
+
+def _dkp_stages(root: str) -> None:
+    from bpfree.train.loop import Run
+
+    cfg = resolve({"run": {"method": "dkp", "dataset": "blobs-test", "epochs": 1, "batch_size": 16, "limit_train": 64,
+                           "limit_test": 32, "pipeline": 2, "microbatches": 2}, "model": {"widths": [16, 16]}})
+    run = Run(cfg, Path(root) / "run", progress=False)
+    run.fit()
+    torch.save({"feedback": dict(run.method.state.feedback), "points": run.parallel.pipeline.split.points[dist.get_rank()]},
+               Path(root) / f"rank{dist.get_rank()}.pt")
+
+
+def test_the_checkpoint_takes_each_feedback_matrix_from_the_stage_that_owns_its_point(tmp_path):
+    # DKP moves B_l from (h_l, e) on the stage that holds point l, so the ranks' copies differ: the
+    # one checkpoint holds, for every point, its owner's B_l (and differs from the other rank's)
+    distributed.spawn(2, _dkp_stages, str(tmp_path))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    saved = checkpoint(tmp_path / "run")["method"]["feedback"]
+    assert sorted(ranks[0]["points"] + ranks[1]["points"]) == sorted(saved)
+    for r, other in ((0, 1), (1, 0)):
+        for name in ranks[r]["points"]:
+            assert torch.equal(saved[name], ranks[r]["feedback"][name])
+            assert not torch.equal(saved[name], ranks[other]["feedback"][name])
