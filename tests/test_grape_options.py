@@ -79,6 +79,65 @@ def test_difference_schemes_equal_forward_mode_on_a_linear_net(scheme):
         torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6)  # outer_mean is float32
 
 
+@pytest.mark.parametrize("scheme", ["central", "onesided"])
+def test_a_difference_pass_resumed_at_the_first_point_is_the_pass_from_the_input(scheme):
+    # The blocks before the first point carry no perturbation, so starting the pass from their
+    # output h_1 (given) must give the same estimate as running them again: same draws, same u.
+    from bpfree.feedback.estimators import (central_difference_jacobians, first_point_child,
+                                            onesided_difference_jacobians)
+
+    model = mlp(widths=(16, 16, 8)).double()
+    x = data(10)[0].double()
+    names = {id(p): n for n, p in bpfree.feedback_points(model)}
+    i = first_point_child(model)
+    assert isinstance(model[i], bpfree.FeedbackPoint) and i == 3  # Flatten, Linear, Tanh, point
+    with torch.no_grad():
+        h1, ref = nn.Sequential(*list(model)[:i])(x), model(x)
+    estimate = central_difference_jacobians if scheme == "central" else (
+        lambda *a, **k: onesided_difference_jacobians(a[0], a[1], a[2], a[3], ref, *a[4:], **k))
+    want = estimate(model, x, names, torch.Generator().manual_seed(5), 1e-2)
+    got = estimate(model, x, names, torch.Generator().manual_seed(5), 1e-2, resume=(i, h1))
+    assert want.keys() == got.keys() == set(names.values())
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-12, atol=1e-12)
+    # a model whose first marker is not a top-level point (or that is not a plain Sequential) has no resume point
+    assert first_point_child(nn.Sequential(nn.Sequential(nn.Linear(3, 3), bpfree.FeedbackPoint()), nn.Linear(3, 2))) is None
+    assert first_point_child(nn.Sequential(nn.Linear(3, 3), bpfree.Head(), nn.Linear(3, 2))) is None
+
+
+@pytest.mark.parametrize("layer", [None, "batchnorm"])
+def test_a_difference_estimate_runs_the_blocks_before_the_first_point_only_where_it_must(layer):
+    # Per-sample nets: the estimate starts from the training pass's h_1 rows, so the first Linear
+    # runs once per update step, and B_l moves exactly as with the pass from the input (forced by
+    # a Sequential subclass with its own forward, which has no resume point). With BatchNorm in
+    # training mode the sub-batch's statistics differ from the batch's: the pass starts at the input.
+    class Opaque(nn.Sequential):
+        def forward(self, x):
+            return super().forward(x)
+
+    def net(cls):
+        torch.manual_seed(0)
+        mid = [nn.BatchNorm1d(16)] if layer else []
+        return cls(nn.Linear(12, 16), *mid, nn.Tanh(), bpfree.FeedbackPoint(), nn.Linear(16, 16), nn.Tanh(),
+                   bpfree.FeedbackPoint(), nn.Linear(16, 5))
+
+    x, y = data()
+    runs = {}
+    for cls in (nn.Sequential, Opaque):
+        model = net(cls)
+        calls = []
+        model[0].register_forward_hook(lambda *a: calls.append(1))
+        grape = bpfree.methods.create("grape", model, samples=16, every=1)
+        for _ in range(3):
+            calls.clear()
+            grape.step(x, y, F.cross_entropy)
+        runs[cls] = (len(calls), {k: v.clone() for k, v in grape.state.feedback.items()})
+    assert runs[Opaque][0] == 2  # the training pass and the estimate pass
+    assert runs[nn.Sequential][0] == (2 if layer else 1)
+    for k, B in runs[Opaque][1].items():
+        torch.testing.assert_close(runs[nn.Sequential][1][k], B, rtol=1e-6, atol=1e-7)
+
+
 def test_onesided_error_is_first_order_in_the_step_on_a_curved_net():
     # On a tanh net u_onesided - J d = (step / 2) d^T H d + O(step^2): halving the step halves the
     # deviation from the forward-mode estimate (same tangents), while central falls 4-fold.

@@ -337,11 +337,36 @@ def per_sample_forward(model: nn.Module) -> bool:
     return True
 
 
+def first_point_child(model: nn.Module) -> int | None:
+    """Where a pass over ``model`` may start from the first feedback point's ``h``.
+
+    The index ``i`` of that point among ``model``'s children when ``model`` is an ``nn.Sequential``
+    that runs its children in order (its own ``forward``) and the first child holding a marker is
+    a :class:`FeedbackPoint` itself (not a :class:`Head`, not a block with points inside); else
+    ``None``. Then ``model(x) == children[i+1:](h_1)`` with ``h_1 = children[:i](x)``.
+    """
+    if not isinstance(model, nn.Sequential) or type(model).forward is not nn.Sequential.forward:
+        return None
+    for i, child in enumerate(model):
+        if isinstance(child, FeedbackPoint):
+            return None if isinstance(child, Head) else i
+        if any(isinstance(m, FeedbackPoint) for m in child.modules()):
+            return None
+    return None
+
+
 def _perturbed_pass(model: nn.Module, x: torch.Tensor, names: dict[int, str], generator: torch.Generator,
                     signs: tuple[float, ...], points: list[FeedbackPoint] | None = None,
-                    draw: TangentDraw = gaussian_tangents) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                    draw: TangentDraw = gaussian_tangents,
+                    resume: tuple[int, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One primal pass over ``len(signs)`` stacked copies of ``x`` (``(k, ...)``); copy ``j`` gets
     ``signs[j] * d_l`` added at every point, ``d_l ~ N(0, I)`` of shape ``(k, ...)``.
+
+    ``resume = (i, h_1)``: ``h_1`` (``(k, ...)``) is what the model computes for ``x`` up to its
+    first point, child ``i`` (:func:`first_point_child`), e.g. the rows the training pass already
+    computed: the pass starts there instead of at the input, with the same draws in the same order
+    (the blocks before the first point carry no perturbation, so they would compute ``h_1`` again).
+    Valid only for a per-sample, deterministic forward (:func:`per_sample_forward`).
 
     Returns the output (or the Head's input) of all copies, ``(len(signs) * k, ...)``, and the
     ``d_l`` per point. No autograd, no autocast (float32 differences), buffers left as they were.
@@ -360,11 +385,20 @@ def _perturbed_pass(model: nn.Module, x: torch.Tensor, names: dict[int, str], ge
             return torch.add(h, d, alpha=signs[0])
         return torch.cat([torch.add(h[j * k:(j + 1) * k], d, alpha=s) for j, s in enumerate(signs)])
 
-    batch = torch.cat([x] * len(signs)) if len(signs) > 1 else x
+    def stacked(t: torch.Tensor) -> torch.Tensor:
+        return torch.cat([t] * len(signs)) if len(signs) > 1 else t
+
     with torch.no_grad(), torch.autocast(device_type=x.device.type, enabled=False), \
             handled(model, perturb, points), preserved_buffers(model):
         try:
-            y = model(batch)
+            if resume is None:
+                y = model(stacked(x))
+            else:
+                i, h = resume
+                children = list(model)
+                y = children[i](stacked(h.detach()))
+                for child in children[i + 1:]:
+                    y = child(y)
         except _HeadReached as stop:
             y = stop.tangent  # the Head's input, carried by the exception
     return y.float(), tangents
@@ -378,6 +412,7 @@ def central_difference_jacobians(
     step: float = 1e-2,
     points: list[FeedbackPoint] | None = None,
     draw: TangentDraw = gaussian_tangents,
+    resume: tuple[int, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The activity-perturbation estimate with ``u`` from one fused primal pass, no forward AD.
 
@@ -387,9 +422,10 @@ def central_difference_jacobians(
     ``J~_l = mean_i u_i d_{l,i}^T`` as in :func:`sample_jacobians`. One plain forward pass over
     ``2k`` inputs replaces the forward-mode pass, whose per-layer cost on CPU is several matrix
     products (PyTorch's forward-mode ``addmm`` also multiplies the weights' zero tangents).
+    ``resume``: start at the first point from ``h_1`` (see :func:`_perturbed_pass`).
     """
     k = x.shape[0]
-    y, tangents = _perturbed_pass(model, x, names, generator, (step, -step), points, draw)
+    y, tangents = _perturbed_pass(model, x, names, generator, (step, -step), points, draw, resume)
     u = (y[:k] - y[k:]) / (2 * step)
     return {name: outer_mean(u, d) for name, d in tangents.items()}
 
@@ -403,6 +439,7 @@ def onesided_difference_jacobians(
     step: float = 1e-2,
     points: list[FeedbackPoint] | None = None,
     draw: TangentDraw = gaussian_tangents,
+    resume: tuple[int, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The activity-perturbation estimate from one primal pass over ``x`` alone, against ``reference``.
 
@@ -413,7 +450,8 @@ def onesided_difference_jacobians(
     central difference, ``J~_l = mean_i u_i d_{l,i}^T`` is unbiased up to ``O(step^2)``, at half
     the rows. Valid only when each sample's output depends on that sample alone and
     deterministically (:func:`per_sample_forward`), or the reference does not match the pass.
+    ``resume``: start at the first point from ``h_1`` (see :func:`_perturbed_pass`).
     """
-    y, tangents = _perturbed_pass(model, x, names, generator, (step,), points, draw)
+    y, tangents = _perturbed_pass(model, x, names, generator, (step,), points, draw, resume)
     u = (y - reference.float()) / step
     return {name: outer_mean(u, d) for name, d in tangents.items()}

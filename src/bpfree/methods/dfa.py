@@ -132,7 +132,9 @@ class CutPass:
     without links); ``tangents`` (``d_l`` per point) and ``output_tangent`` (``u`` at
     ``error_at``) when the pass carried forward-mode tangents; ``estimator``: the method's Jacobian
     estimator for this step, resolved once (GrAPE); ``error_leaf``: on a pass without links, the
-    detached copy of ``error_at`` the head was run on (``e`` is its gradient).
+    detached copy of ``error_at`` the head was run on (``e`` is its gradient); ``first_point``: the
+    ``h`` of the first point visited (detached), when the estimator starts its own pass there
+    (``Estimator.from_first_point``).
     """
 
     output: torch.Tensor
@@ -145,6 +147,7 @@ class CutPass:
     output_tangent: torch.Tensor | None = None
     estimator: Any = None
     error_leaf: torch.Tensor | None = None
+    first_point: torch.Tensor | None = None
 
 
 @dataclass
@@ -152,11 +155,13 @@ class Estimator:
     """A Jacobian estimator resolved for one step: ``estimate(x, record) -> {name: J~_l (o, n_l)}``.
 
     ``draw``: when set, the training pass itself carries tangents ``d_l = draw(h_l)`` (forward-mode
-    AD) and ``estimate`` reads them from the record.
+    AD) and ``estimate`` reads them from the record. ``from_first_point``: the training pass keeps
+    ``h`` at its first point in the record (``first_point``), where ``estimate``'s own pass starts.
     """
 
     estimate: Callable[[torch.Tensor, CutPass], dict[str, torch.Tensor]]
     draw: Callable[[torch.Tensor], torch.Tensor] | None = None
+    from_first_point: bool = False
 
 
 @dataclass
@@ -289,6 +294,7 @@ class DirectFeedback(Method):
         (:mod:`bpfree.streams`), so each block's backward runs on its own stream.
         """
         draw = estimator.draw if estimator is not None else None
+        first: list[torch.Tensor] | None = [] if estimator is not None and estimator.from_first_point else None
         delivery = Delivery()
         shapes: dict[str, torch.Size] = {}
         feedback = self.state["feedback"]
@@ -313,6 +319,8 @@ class DirectFeedback(Method):
                 at_head.append((h, tangent))
                 return _ErrorTap.apply(leaf_of(h) if missing[0] else h, delivery, *links)
             name = self.names[id(point)]
+            if first is not None and not shapes:
+                first.append(h.detach())
             shapes[name] = h.shape
             if points is not None:
                 points[name] = h
@@ -349,7 +357,8 @@ class DirectFeedback(Method):
         else:
             error_at, out = out, _ErrorTap.apply(leaf_of(out) if missing[0] else out, delivery, *links)
         return CutPass(out, error_at, shapes, delivery, not missing[0], points, tangents,
-                       None if u is None else u.detach(), estimator, leaves[0] if leaves else None)
+                       None if u is None else u.detach(), estimator, leaves[0] if leaves else None,
+                       first[0] if first else None)
 
     #: Up to this many outputs a link is the plain product ``h_l B_l`` (autograd's own node, no
     #: Python in the backward pass; its ``(batch, o)`` value costs little); wider outputs (a

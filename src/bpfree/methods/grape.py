@@ -12,6 +12,7 @@ from ..feedback.estimators import (
     RunningJacobian,
     block_parameters,
     central_difference_jacobians,
+    first_point_child,
     flat_only,
     onesided_difference_jacobians,
     outer_mean,
@@ -183,15 +184,19 @@ class GrAPE(DirectFeedback):
                 return {} if u is None else {name: outer_mean(u, d) for name, d in record.tangents.items()}
             return Estimator(carried, draw)
         scheme = self.tangent_scheme(device)
-        if scheme == "central":
-            return Estimator(lambda x, record: central_difference_jacobians(model, x[:k], names, g, o.fd_step, markers,
-                                                                            tangent))
-        if scheme == "onesided":
-            if torch.is_autocast_enabled(device.type):
+        if scheme in ("central", "onesided"):
+            if scheme == "onesided" and torch.is_autocast_enabled(device.type):
                 raise RuntimeError("tangents=onesided compares float32 outputs; under autocast (amp) use "
                                    "tangents=central or forward")
-            return Estimator(lambda x, record: onesided_difference_jacobians(
-                model, x[:k], names, g, record.error_at[:k].detach(), o.fd_step, markers, tangent))
+            start = self.first_point_child(device)
+
+            def difference(x: torch.Tensor, record: CutPass) -> dict[str, torch.Tensor]:
+                resume = None if start is None else (start, record.first_point[:k])
+                if scheme == "central":
+                    return central_difference_jacobians(model, x[:k], names, g, o.fd_step, markers, tangent, resume)
+                return onesided_difference_jacobians(model, x[:k], names, g, record.error_at[:k].detach(), o.fd_step,
+                                                     markers, tangent, resume)
+            return Estimator(difference, from_first_point=start is not None)
         if o.points == "joint":
             return Estimator(lambda x, record: sample_jacobians(model, x[:k], names, g, points=markers, draw=tangent))
         def each(x: torch.Tensor, record: CutPass) -> dict[str, torch.Tensor]:
@@ -200,6 +205,16 @@ class GrAPE(DirectFeedback):
                 out.update(sample_jacobians(model, x[:k], names, g, only=name, points=markers, draw=tangent))
             return out
         return Estimator(each)
+
+    def first_point_child(self, device: torch.device) -> int | None:
+        """Where a difference estimate may start from the training pass's ``h`` at the first point:
+        the point's index among the children of a Sequential model (:func:`first_point_child`), when
+        each sample's forward is its own and deterministic (:func:`per_sample_forward`: then the
+        training pass's first ``samples`` rows are what the blocks before the point would compute
+        again) and the pass runs in float32 (no autocast); else ``None`` (the pass starts at the input)."""
+        if torch.is_autocast_enabled(device.type) or not per_sample_forward(self.model):
+            return None
+        return first_point_child(self.model)
 
     def tangent_draw(self):
         """The activity tangents: ``spatial_modes`` frequencies at image points, or none there with
@@ -233,6 +248,7 @@ class GrAPE(DirectFeedback):
         """On update steps: ``J~_l`` from the step's estimator, then :meth:`align`."""
         if record.estimator is not None:
             estimates = record.estimator.estimate(x, record)
+            record.first_point = None  # used: let it go with its block's backward, as without the estimate
             if self.options.align == "flat":
                 estimates = {k: v for k, v in estimates.items() if len(record.shapes[k]) < 4}
             self.align(estimates)
