@@ -373,6 +373,13 @@ class DirectFeedback(Method):
             B = self.state["feedback"][name] = B.to(h.device)
         flat = flat_point(h, B.shape[0])
         if B.shape[1] <= self.plain_link_outputs and flat.dtype == B.dtype and not autocast:
+            if h.dim() == 2:
+                # z^T = B^T h^T: the same products; the CPU matrix kernels run a (batch, n) x (n, o)
+                # product with a narrow o slower than (o, n) x (n, batch), and its backward makes the
+                # signal as (B e^T)^T, a transposed view that the block's backward takes as it is.
+                # (A point with more dimensions keeps h B: its signal must be reshaped into h's shape,
+                # which would copy a transposed one.)
+                return (B.t() @ flat.t()).t()
             return flat @ B
         return _Link.apply(flat, B)
 
