@@ -93,10 +93,14 @@ def test_a_difference_pass_resumed_at_the_first_point_is_the_pass_from_the_input
     assert isinstance(model[i], bpfree.FeedbackPoint) and i == 3  # Flatten, Linear, Tanh, point
     with torch.no_grad():
         h1, ref = nn.Sequential(*list(model)[:i])(x), model(x)
-    estimate = central_difference_jacobians if scheme == "central" else (
-        lambda *a, **k: onesided_difference_jacobians(a[0], a[1], a[2], a[3], ref, *a[4:], **k))
-    want = estimate(model, x, names, torch.Generator().manual_seed(5), 1e-2)
-    got = estimate(model, x, names, torch.Generator().manual_seed(5), 1e-2, resume=(i, h1))
+
+    def estimate(resume=None):
+        g = torch.Generator().manual_seed(5)
+        if scheme == "central":
+            return central_difference_jacobians(model, x, names, g, 1e-2, resume=resume)
+        return onesided_difference_jacobians(model, x, names, g, ref, 1e-2, resume=resume)
+
+    want, got = estimate(), estimate(resume=(i, h1))
     assert want.keys() == got.keys() == set(names.values())
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-12, atol=1e-12)
