@@ -375,10 +375,9 @@ class DirectFeedback(Method):
         if B.shape[1] <= self.plain_link_outputs and flat.dtype == B.dtype and not autocast:
             if h.dim() == 2:
                 # z^T = B^T h^T: the same products; the CPU matrix kernels run a (batch, n) x (n, o)
-                # product with a narrow o slower than (o, n) x (n, batch), and its backward makes the
-                # signal as (B e^T)^T, a transposed view that the block's backward takes as it is.
-                # (A point with more dimensions keeps h B: its signal must be reshaped into h's shape,
-                # which would copy a transposed one.)
+                # product with a narrow o slower than (o, n) x (n, batch). Autograd makes the gradient
+                # of h^T in h^T's own layout, so the signal e B^T reaches the block row-major, as
+                # from h B. (A point with more dimensions keeps h B: its flat view is reshaped.)
                 return (B.t() @ flat.t()).t()
             return flat @ B
         return _Link.apply(flat, B)
