@@ -64,7 +64,7 @@ import torch.autograd.forward_ad as fwAD
 import torch.distributed as dist
 from torch import nn
 
-from .feedback.estimators import matched_tangents, outer_mean, preserved_buffers
+from .feedback.estimators import matched_tangents, outer_mean, perturbed_copies, preserved_buffers
 from .methods.base import LossFn, Method, StepResult
 from .methods.dfa import CutPass, Delivery, DirectFeedback, Estimator, TangentProbe
 from .points import FeedbackPoint, Head, handled, head_marker
@@ -362,8 +362,7 @@ class FeedbackPipeline:
                 return h
             dl = d[names[id(point)]][chunk[0]]
             if not forward:  # h holds [h_+; h_-]
-                n = dl.shape[0]
-                return torch.cat([torch.add(h[:n], dl, alpha=step), torch.add(h[n:], dl, alpha=-step)])
+                return perturbed_copies(h, dl, (step, -step))
             primal, tangent = fwAD.unpack_dual(h)
             return fwAD.make_dual(primal, dl if tangent is None else tangent + dl)
 

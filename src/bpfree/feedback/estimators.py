@@ -355,6 +355,15 @@ def first_point_child(model: nn.Module) -> int | None:
     return None
 
 
+def perturbed_copies(h: torch.Tensor, d: torch.Tensor, signs: tuple[float, ...]) -> torch.Tensor:
+    """``[h_0 + signs[0] d; h_1 + signs[1] d; ...]`` for ``h`` holding ``len(signs)`` stacked copies
+    of ``k`` rows (``d``: ``(k, ...)``): how a difference pass perturbs a point."""
+    if len(signs) == 1:
+        return torch.add(h, d, alpha=signs[0])
+    k = d.shape[0]
+    return torch.cat([torch.add(h[j * k:(j + 1) * k], d, alpha=s) for j, s in enumerate(signs)])
+
+
 def _perturbed_pass(model: nn.Module, x: torch.Tensor, names: dict[int, str], generator: torch.Generator,
                     signs: tuple[float, ...], points: list[FeedbackPoint] | None = None,
                     draw: TangentDraw = gaussian_tangents,
@@ -381,9 +390,7 @@ def _perturbed_pass(model: nn.Module, x: torch.Tensor, names: dict[int, str], ge
         if d is None:
             return h
         tangents[names[id(point)]] = d
-        if len(signs) == 1:
-            return torch.add(h, d, alpha=signs[0])
-        return torch.cat([torch.add(h[j * k:(j + 1) * k], d, alpha=s) for j, s in enumerate(signs)])
+        return perturbed_copies(h, d, signs)
 
     def stacked(t: torch.Tensor) -> torch.Tensor:
         return torch.cat([t] * len(signs)) if len(signs) > 1 else t

@@ -188,7 +188,10 @@ class GrAPE(DirectFeedback):
             if scheme == "onesided" and torch.is_autocast_enabled(device.type):
                 raise RuntimeError("tangents=onesided compares float32 outputs; under autocast (amp) use "
                                    "tangents=central or forward")
-            start = self.first_point_child(device)
+            # the pass may start at the first point from the training pass's own h_1 rows when each
+            # sample's forward is its own (what onesided presumes) and both passes run in float32
+            per_sample = scheme == "onesided" or per_sample_forward(model)
+            start = first_point_child(model) if per_sample and not torch.is_autocast_enabled(device.type) else None
 
             def difference(x: torch.Tensor, record: CutPass) -> dict[str, torch.Tensor]:
                 resume = None if start is None else (start, record.first_point[:k])
@@ -205,16 +208,6 @@ class GrAPE(DirectFeedback):
                 out.update(sample_jacobians(model, x[:k], names, g, only=name, points=markers, draw=tangent))
             return out
         return Estimator(each)
-
-    def first_point_child(self, device: torch.device) -> int | None:
-        """Where a difference estimate may start from the training pass's ``h`` at the first point:
-        the point's index among the children of a Sequential model (:func:`first_point_child`), when
-        each sample's forward is its own and deterministic (:func:`per_sample_forward`: then the
-        training pass's first ``samples`` rows are what the blocks before the point would compute
-        again) and the pass runs in float32 (no autocast); else ``None`` (the pass starts at the input)."""
-        if torch.is_autocast_enabled(device.type) or not per_sample_forward(self.model):
-            return None
-        return first_point_child(self.model)
 
     def tangent_draw(self):
         """The activity tangents: ``spatial_modes`` frequencies at image points, or none there with
