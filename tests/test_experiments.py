@@ -176,6 +176,43 @@ def test_dry_run_lists_runs_and_trains_nothing(tiny, counted):
     assert not (tiny / "results").exists()
 
 
+def test_only_runs_the_selected_rows_and_the_table_says_it_is_partial(tiny, counted):
+    out = tiny / "results"
+    run_quiet("tiny", out, only={"variant": "grape"})
+    assert counted == {"train": 2, "resume": 0}  # grape's 2 seeds, not bp's
+    root = out / "tiny" / "quick"
+    doc = json.loads((root / "results.json").read_text())
+    assert [row["variant"] for row in doc["rows"]] == ["grape"] and len(doc["rows"][0]["runs"]) == 2
+    assert doc["partial"].startswith("2 of 4 runs")
+    table = (root / "table.md").read_text()
+    assert table.startswith("**Partial results: 2 of 4 runs") and "| grape |" in table and "| bp |" not in table
+    experiment.render(experiment.find("tiny"), "quick", out=out, echo=lambda s: None)
+    assert (root / "table.md").read_text() == table  # redrawn from results.json, still marked
+    run_quiet("tiny", out)  # the rest: bp's seeds only, and a whole table without the mark
+    assert counted == {"train": 4, "resume": 0}
+    doc = json.loads((root / "results.json").read_text())
+    assert "partial" not in doc and [row["variant"] for row in doc["rows"]] == ["bp", "grape"]
+    assert not (root / "table.md").read_text().startswith("**Partial")
+
+
+@pytest.mark.parametrize("only, words", [
+    ({"model": "mlp"}, ["no column 'model'", "variant"]),
+    ({"variant": "dfa"}, ["variant=dfa", "one of bp, grape"]),
+])
+def test_only_names_the_columns_and_values_there_are(tiny, counted, only, words):
+    with pytest.raises(OptionError) as err:
+        run_quiet("tiny", tiny / "results", only=only)
+    assert all(w in str(err.value) for w in words) and counted == {"train": 0, "resume": 0}
+
+
+def test_only_is_a_key_and_a_value_on_the_command_line(tiny, capsys):
+    assert cli.main(["experiment", "run", "tiny", "--dry-run", "--only", "variant=bp"]) == 0
+    out = capsys.readouterr().out
+    assert "2 of 4 runs, 0 done, 2 to run" in out and "grape" not in out
+    assert cli.main(["experiment", "run", "tiny", "--dry-run", "--only", "variant"]) == 2
+    assert "KEY=VALUE" in capsys.readouterr().err
+
+
 GRID = """
 title = "grid"
 kind = "train"

@@ -397,8 +397,15 @@ def cmd_experiment_run(args) -> int:
     from . import experiment
 
     spec = experiment.find(args.name)
+    only = {}
+    for item in args.only or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise OptionError(f"--only takes KEY=VALUE (a table column and its value, e.g. model=resnet20), got {item!r}")
+        only[key.strip()] = value.strip()
     experiment.run(spec, args.scale, seeds=args.seeds, out=args.out, dry_run=args.dry_run,
-                   progress=not args.no_progress, data_dir=args.data_dir, trust_checkpoints=args.trust_checkpoint)
+                   progress=not args.no_progress, data_dir=args.data_dir, trust_checkpoints=args.trust_checkpoint,
+                   only=only)
     return 0
 
 
@@ -500,6 +507,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seeds", type=int, help="seeds per run (default: the scale's)")
     e.add_argument("--out", type=Path, default=Path("results"), help="results root (default results/)")
     e.add_argument("--dry-run", action="store_true", help="list the runs and which are done; train nothing")
+    e.add_argument("--only", action="append", metavar="KEY=VALUE",
+                   help="run only the rows with this grid value or variant (repeatable, e.g. --only model=resnet20); "
+                        "until every run is done the table covers the finished ones and says so")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
     e.add_argument("--data-dir", type=Path, help="dataset cache (default $BPFREE_DATA or ~/.cache/bpfree)")
     e.add_argument("--trust-checkpoint", action="store_true", dest="trust_checkpoint",

@@ -14,8 +14,10 @@ Each kind (:mod:`.train`, :mod:`.toy`, :mod:`.estimate`, :mod:`.bench`, :mod:`.p
 Results go to ``OUT/NAME/SCALE/``: ``table.md``, the figures, ``results.json`` (the experiment's
 text, its published numbers, the scale, every per-seed number) and ``runs/`` (one folder per job;
 not committed). A call that stops (Ctrl-C, a crash) leaves the finished jobs in ``runs/``; the
-next call continues. :func:`render` redraws tables and figures from ``results.json`` alone (no
-training, no ``runs/``), with the experiment file's current published numbers.
+next call continues. ``only`` (``--only KEY=VALUE``) runs the jobs of some rows alone (a grid
+value, a variant); while other jobs are still to run, the results are written over the finished
+ones and say so (``partial`` in ``results.json``, a first line in ``table.md``). :func:`render`
+redraws tables and figures from ``results.json`` alone (no training, no ``runs/``), with the experiment file's current published numbers.
 """
 
 from __future__ import annotations
@@ -62,49 +64,83 @@ def job_status(spec: Spec, job: Job) -> str:
     return kind.status(job) if hasattr(kind, "status") else cache_status(job)
 
 
+def select(jobs: list[Job], only: dict[str, str] | None) -> list[bool]:
+    """Which of ``jobs`` the filter ``only`` (row column -> value as tables show it, e.g.
+    ``{"model": "resnet20"}`` or ``{"variant": "grape"}``) keeps; all of them without one.
+    Raises :class:`OptionError` naming the columns and values there are."""
+    if not only:
+        return [True] * len(jobs)
+    for key, value in only.items():
+        values = sorted({str(j.row[key]) for j in jobs if key in j.row})
+        if not values:
+            columns = sorted({k for j in jobs for k in j.row})
+            raise OptionError(f"--only {key}=...: the rows have no column {key!r}; they have {', '.join(columns)}")
+        if value not in values:
+            raise OptionError(f"--only {key}={value}: no row has it; {key} is one of {', '.join(values)}")
+    return [all(str(j.row.get(k)) == v for k, v in only.items()) for j in jobs]
+
+
 def run(spec: Spec, scale: str, *, seeds: int | None = None, out: str | Path = "results", dry_run: bool = False,
         progress: bool = True, data_dir: Path | None = None, echo: Callable[[str], None] = print,
-        trust_checkpoints: bool = False) -> dict[str, Any] | None:
-    """Run ``spec`` at ``scale`` (see the module docstring); returns the results (``None`` for a dry run)."""
+        trust_checkpoints: bool = False, only: dict[str, str] | None = None) -> dict[str, Any] | None:
+    """Run ``spec`` at ``scale`` (see the module docstring), only the jobs ``only`` selects
+    (:func:`select`); returns the results (``None`` for a dry run)."""
     jobs, n_seeds = plan(spec, scale, seeds, out)
+    chosen = select(jobs, only)
     root = Path(out) / spec.name / scale
     kind = KIND_MODULES[spec.kind]
     states = [job_status(spec, j) for j in jobs]
-    done = sum(s in (DONE, FAILED) for s in states)
+    done = sum(s in (DONE, FAILED) for s, c in zip(states, chosen) if c)
     if dry_run:
-        echo(f"{spec.name} ({spec.kind}), scale {scale}, {n_seeds} seed(s): {len(jobs)} runs, {done} done, "
-             f"{len(jobs) - done} to run -> {root}")
-        for job, state in zip(jobs, states):
-            echo(f"  {state:7s} {job.label} seed{job.seed}  {job.dir}")
+        what = f"{sum(chosen)} of {len(jobs)} runs" if only else f"{len(jobs)} runs"
+        echo(f"{spec.name} ({spec.kind}), scale {scale}, {n_seeds} seed(s): {what}, {done} done, "
+             f"{sum(chosen) - done} to run -> {root}")
+        for job, state, c in zip(jobs, states, chosen):
+            if c:
+                echo(f"  {state:7s} {job.label} seed{job.seed}  {job.dir}")
         return None
     ctx = Context(data_dir=data_dir, trust_checkpoints=trust_checkpoints)
-    bar = tqdm(total=len(jobs), initial=done, desc=spec.name, disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=sum(chosen), initial=done, desc=spec.name, disable=not progress, dynamic_ncols=True)
     say = tqdm.write if progress else echo
     finished = done
     try:
-        for job, state in zip(jobs, states):
-            if state in (DONE, FAILED):
+        for job, state, c in zip(jobs, states, chosen):
+            if state in (DONE, FAILED) or not c:
                 continue
             t0 = time.perf_counter()
             line = kind.execute(job, state, ctx)
             finished += 1
             bar.update(1)
-            say(f"[{finished}/{len(jobs)}] {job.label} seed{job.seed}: {line} ({time.perf_counter() - t0:.0f} s)")
+            say(f"[{finished}/{sum(chosen)}] {job.label} seed{job.seed}: {line} ({time.perf_counter() - t0:.0f} s)")
     except KeyboardInterrupt:
         bar.close()
-        echo(f"{spec.name}: stopped with {finished} of {len(jobs)} runs done; the same command continues")
+        echo(f"{spec.name}: stopped with {finished} of {sum(chosen)} runs done; the same command continues")
         raise
     bar.close()
-    records = [kind.record(j) if hasattr(kind, "record") else load_result(j) for j in jobs]
+    ready = [j for j in jobs if job_status(spec, j) in (DONE, FAILED)]
+    partial = None
+    if len(ready) < len(jobs):
+        partial = (f"{len(ready)} of {len(jobs)} runs; `bpfree experiment run {spec.name} --scale {scale}` "
+                   f"runs the rest")
+    records = [kind.record(j) if hasattr(kind, "record") else load_result(j) for j in ready]
     root.mkdir(parents=True, exist_ok=True)
-    results = kind.write(spec, spec.scale(scale), n_seeds, jobs, records, root)
+    results = kind.write(spec, spec.scale(scale), n_seeds, ready, records, root)
     sc = spec.scale(scale)
     doc = {"name": spec.name, "title": spec.title, "kind": spec.kind, "questions": spec.questions,
            "description": spec.description, **published(spec), "scale": scale, "seeds": n_seeds,
            "assumed": sc.assumed, "written": time.strftime("%Y-%m-%d %H:%M:%S"), **results}
+    if partial:
+        doc["partial"] = partial
+        mark_partial(root / doc.get("table", "table.md"), partial)
     save_json(to_json(doc), root / "results.json")
-    echo(f"{spec.name}: {len(jobs)} runs -> {root / 'table.md'}")
+    echo(f"{spec.name}: {len(ready)} runs -> {root / 'table.md'}" + (f" (partial: {partial})" if partial else ""))
     return doc
+
+
+def mark_partial(table: Path, partial: str) -> None:
+    """Put the line saying that ``table`` holds part of its experiment's runs above it."""
+    if table.exists():
+        table.write_text(f"**Partial results: {partial}.**\n\n" + table.read_text())
 
 
 def published(spec: Spec) -> dict[str, Any]:
@@ -132,6 +168,8 @@ def render(spec: Spec, scale: str, *, out: str | Path = "results", echo: Callabl
         jobs = None  # only used for what older results.json files lack
     doc.update(KIND_MODULES[spec.kind].render(spec, sc, doc, root, jobs=jobs))
     doc.update(published(spec))
+    if doc.get("partial"):
+        mark_partial(root / doc.get("table", "table.md"), doc["partial"])
     save_json(to_json(doc), path)
     echo(f"{spec.name}: {scale} -> {root / doc.get('table', 'table.md')}, {', '.join(doc.get('plots', []))}")
     return doc
