@@ -383,7 +383,7 @@ def cmd_experiment_list(args) -> int:
     if not found:
         print(f"no experiments in {experiment.experiments_dir()}/ (TOML files with a 'kind' key)")
         return 0
-    print(f"Experiments in {experiment.experiments_dir()}/ (bpfree experiment run NAME [--scale quick|full]):")
+    print(f"Experiments in {experiment.experiments_dir()}/ (bpfree experiment run NAME [--scale quick|medium|full]):")
     for name, path in found.items():
         spec = experiment.load_spec(path)
         print(f"  {name} [{spec.kind}; {', '.join(spec.questions) or '-'}]: {spec.title}")
