@@ -415,3 +415,52 @@ def test_align_flat_perturbs_only_the_flat_points(tangents, estimator):
         expected = closed_form(states[1])
     assert set(est) == set(flat)
     torch.testing.assert_close(est[flat[0]], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_low_rank_per_output_is_each_maps_truncated_svd():
+    from bpfree.feedback.matrices import low_rank_per_output
+
+    g = torch.Generator().manual_seed(0)
+    for C, HW in ((3, 8), (8, 3)):  # the Gram matrix over channels, and over space
+        J = torch.randn(4, C * HW, generator=g, dtype=torch.float64)
+        U, S, Vh = torch.linalg.svd(J.reshape(4, C, HW), full_matrices=False)
+        expected = (U[..., :2] * S[:, None, :2]) @ Vh[:, :2]  # Eckart-Young: the nearest rank-2 map
+        got = low_rank_per_output(J, C, 2)
+        torch.testing.assert_close(got, expected.reshape(4, -1))
+        assert torch.linalg.matrix_rank(got.reshape(4, C, HW)).tolist() == [2] * 4
+        torch.testing.assert_close(low_rank_per_output(got, C, 2), got)  # a projection
+        torch.testing.assert_close(low_rank_per_output(J, C, 3), J)  # full rank: unchanged
+    # a map of rank 1 (B[c, hw, k] = U[k, hw] V[c, k]) is kept exactly at rank 1
+    V, W = torch.randn(4, 5, 1, generator=g), torch.randn(4, 1, 6, generator=g)
+    rank1 = (V @ W).reshape(4, 30)
+    torch.testing.assert_close(low_rank_per_output(rank1, 5, 1), rank1)
+    with pytest.raises(ValueError, match="channels"):
+        low_rank_per_output(rank1, 7, 1)
+
+
+def test_rank_moves_image_points_toward_the_low_rank_running_estimate_and_flat_points_as_before(monkeypatch):
+    from bpfree.feedback.matrices import low_rank_per_output
+    from bpfree.methods import grape as grape_module
+
+    model = bpfree.models.create("cnn", (1, 8, 8), 3, channels=(2, 3), hidden=4)
+    x, y = torch.randn(6, 1, 8, 8), torch.randint(0, 3, (6,))
+    targets = {}
+    real = grape_module.update_feedback
+
+    def spy(B, G, **kw):
+        targets[B.data_ptr()] = G.clone()
+        return real(B, G, **kw)
+
+    monkeypatch.setattr(grape_module, "update_feedback", spy)
+    g = bpfree.methods.create("grape", model, rank=1)
+    g.step(x, y, F.cross_entropy)
+    for name, channels in (("conv1_point", 2), ("conv2_point", 3), ("fc1_point", None)):
+        G = targets[g.state.feedback[name].data_ptr()]
+        Jbar = g.state.jacobian.mean[name]
+        expected = Jbar if channels is None else low_rank_per_output(Jbar, channels, 1)
+        torch.testing.assert_close(G, expected.t())
+        if channels is not None:  # each output's (C, H*W) map of rank 1, unlike the dense estimate
+            assert torch.linalg.matrix_rank(G.t().reshape(3, channels, -1)).tolist() == [1, 1, 1]
+            assert min(torch.linalg.matrix_rank(Jbar.reshape(3, channels, -1)).tolist()) > 1
+    with pytest.raises(OptionError, match="rank"):
+        bpfree.methods.create("grape", model, rank=-1)

@@ -87,3 +87,32 @@ def rowcos(A: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
 def frobenius_cos(A: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
     """``<A, G>_F / (|A|_F |G|_F)``: a scalar tensor."""
     return (A * G).sum() / (A.norm() * G.norm()).clamp_min(EPS)
+
+
+def low_rank_per_output(J: torch.Tensor, channels: int, rank: int) -> torch.Tensor:
+    """The best rank-``rank`` approximation of each output's Jacobian map over an image point.
+
+    ``J``: ``(o, C*H*W)``, the rows ``J[k]`` flattened from ``(C, H, W)``; each row is taken as a
+    ``(C, H*W)`` matrix and replaced by its truncated SVD ``sum_{r < rank} s_r u_r v_r^T`` (the
+    Frobenius-nearest matrix of that rank, Eckart–Young). So ``B[c, hw, k] = sum_r U_r[k, hw]
+    V_r[c, k]`` holds ``o * rank * (C + H*W)`` numbers instead of ``o * C * H * W``; on a noisy
+    estimate it keeps the leading directions, where the signal concentrates, and drops most of
+    the noise, which is spread over all of them. Returns a new ``(o, C*H*W)`` tensor; a rank of
+    ``min(C, H*W)`` or more returns ``J`` unchanged (copied).
+
+    Computed as ``P_r M`` with ``P_r = U_r U_r^T`` the projection on the leading eigenvectors of
+    the Gram matrix ``M M^T`` (``(C, C)``; ``M^T M`` and ``M Q_r Q_r^T`` when ``H*W < C``), in
+    float64: the same matrix as the SVD's, at a fraction of its cost for these shapes.
+    """
+    o, n = J.shape
+    if channels < 1 or n % channels:
+        raise ValueError(f"{n} features do not split into {channels} channels")
+    M = J.reshape(o, channels, n // channels).double()
+    if rank >= min(M.shape[1:]):
+        return J.clone()
+    left = M.shape[1] <= M.shape[2]
+    gram = M @ M.transpose(1, 2) if left else M.transpose(1, 2) @ M
+    _, vectors = torch.linalg.eigh(gram)  # ascending eigenvalues: the leading vectors are the last
+    Q = vectors[..., -rank:]
+    low = Q @ (Q.transpose(1, 2) @ M) if left else (M @ Q) @ Q.transpose(1, 2)
+    return low.reshape(o, n).to(J.dtype)

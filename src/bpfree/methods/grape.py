@@ -21,6 +21,7 @@ from ..feedback.estimators import (
     spatial_tangents,
     weight_perturbation_jacobians,
 )
+from ..feedback.matrices import low_rank_per_output
 from ..feedback.rules import RENORMS, RULES, update_feedback
 from ..options import OptionError, option
 from . import register
@@ -48,8 +49,10 @@ class GrAPE(DirectFeedback):
        ``u = sum_l J_l d_l`` by forward-mode AD or a finite difference (``tangents``)
        (activity perturbation; ``points="each"`` perturbs one point per pass);
     2. ``Jbar_l`` <- running average of the estimates (``average``: cumulative or ema);
-    3. ``B_l`` <- ``rule(B_l, Jbar_l^T, eta)``, then noise and renormalisation
-       (:mod:`bpfree.feedback.rules`);
+    3. ``B_l`` <- ``rule(B_l, G_l, eta)``, then noise and renormalisation
+       (:mod:`bpfree.feedback.rules`), with ``G_l = Jbar_l^T``; with ``rank = r > 0``, at image
+       points ``G_l`` is the rank-``r`` truncated SVD of each output's ``(C, H*W)`` map of
+       ``Jbar_l`` (:func:`bpfree.feedback.matrices.low_rank_per_output`);
     4. deliver the DFA signal ``B_l e`` as :class:`DFA` does.
 
     In the step's pipeline (:mod:`bpfree.methods.dfa`) that is :meth:`estimator_for_step` (the
@@ -94,6 +97,9 @@ class GrAPE(DirectFeedback):
                             "(batch, T, d); image points (batch, C, H, W) keep their random B_l, as in DFA, and "
                             "are not perturbed)",
                             choices=("all", "flat"))
+        rank: int = option(0, "at image points (batch, C, H, W): B_l follows the best rank-`rank` approximation of "
+                           "each output's map Jbar_l[k] taken as a (C, H*W) matrix (truncated SVD of the running "
+                           "estimate; far fewer numbers to estimate, most of the noise dropped); 0: the dense estimate")
         preset: str = option("published", "a named set of defaults for the options not given: published (these defaults) "
                              "or grape2025 (the original rule=rescale, eta=1e-3, cumulative average, 64 samples every 4 steps)",
                              choices=tuple(PRESETS))
@@ -109,6 +115,8 @@ class GrAPE(DirectFeedback):
                 raise OptionError(f"option 'spatial_modes' must be non-negative, got {self.spatial_modes}")
             if self.spatial_modes and self.perturb != "activity":
                 raise OptionError("option 'spatial_modes' shapes activity tangents; use it with perturb=activity")
+            if self.rank < 0:
+                raise OptionError(f"option 'rank' must be non-negative, got {self.rank}")
             if self.samples < 1:
                 raise OptionError(f"option 'samples' must be at least 1, got {self.samples}")
             if self.every < 1:
@@ -244,10 +252,11 @@ class GrAPE(DirectFeedback):
             record.first_point = None  # used: let it go with its block's backward, as without the estimate
             if self.options.align == "flat":
                 estimates = {k: v for k, v in estimates.items() if len(record.shapes[k]) < 4}
-            self.align(estimates)
+            self.align(estimates, record.shapes)
 
-    def align(self, estimates: dict[str, torch.Tensor]) -> None:
-        """Fold ``estimates`` (averaged over data-parallel workers) into ``Jbar``; move every ``B_l``."""
+    def align(self, estimates: dict[str, torch.Tensor], shapes: dict[str, torch.Size] | None = None) -> None:
+        """Fold ``estimates`` (averaged over data-parallel workers) into ``Jbar``; move every ``B_l``
+        toward its target (``shapes``: ``h_l.shape`` per point, which tells image points for ``rank``)."""
         jacobian, feedback, norm0 = self.state.jacobian, self.state.feedback, self.state.norm0
         jacobian.update({k: self.average_across_workers(v) for k, v in estimates.items()})
         o = self.options
@@ -257,6 +266,9 @@ class GrAPE(DirectFeedback):
             if name not in norm0:
                 norm0[name] = float(B.norm())
             G = jacobian.mean[name].t()  # (n_l, o), a view
+            shape = (shapes or {}).get(name)
+            if o.rank and shape is not None and len(shape) == 4:
+                G = low_rank_per_output(jacobian.mean[name], shape[1], o.rank).t()
             new = update_feedback(B, G, rule=o.rule, eta=o.eta, norm0=norm0[name], noise=o.noise, renorm=renorm,
                                   generator=self.state["generator"].on(B.device))
             # in place, and without a version bump: this step's link z_l = h_l B_l reads B_l when the
