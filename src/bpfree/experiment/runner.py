@@ -17,7 +17,8 @@ not committed). A call that stops (Ctrl-C, a crash) leaves the finished jobs in 
 next call continues. ``only`` (``--only KEY=VALUE``) runs the jobs of some rows alone (a grid
 value, a variant); while other jobs are still to run, the results are written over the finished
 ones and say so (``partial`` in ``results.json``, a first line in ``table.md``). :func:`render`
-redraws tables and figures from ``results.json`` alone (no training, no ``runs/``), with the experiment file's current published numbers.
+redraws tables and figures from ``results.json`` alone (no training, no ``runs/``), with the
+experiment file's current published numbers.
 """
 
 from __future__ import annotations
